@@ -1,0 +1,20 @@
+"""`trident bench NAME ...`: benchmarks that print figures (tests never time anything).
+
+Each benchmark lives in its own module exposing ``register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES: dict[str, str] = {
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="measure speed and memory; prints figures")
+    bench_sub = parser.add_subparsers(dest="bench", metavar="BENCH")
+    bench_sub.required = True
+    for module_name in BENCHES.values():
+        importlib.import_module(module_name).register(bench_sub)
