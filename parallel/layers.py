@@ -1,0 +1,245 @@
+"""Tensor-parallel layers: column- and row-parallel linears and the vocabulary-parallel embedding.
+
+Each layer holds only its shard and records, through `Piece`s, which slices of which
+global tensors that shard is. Communication goes through `trident.parallel.mappings`.
+
+With sequence parallelism the activations between layers are ``[batch, seq/tp, hidden]``:
+a column-parallel linear all-gathers the sequence on the way in, a row-parallel linear
+reduce-scatters it on the way out, and parameters used on sequence shards (norms, the
+row-parallel bias, learned positions) are flagged so their gradients are summed over tp
+(`sync_tp_partial_grads`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trident.parallel.mappings import (
+    all_reduce,
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+)
+from trident.parallel.sharding import Piece, set_pieces
+from trident.parallel.topology import Topology
+
+PARTIAL_ATTR = "tp_partial_grad"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A run of output rows of a column-parallel linear: rows [start, start+length) of the
+    global tensor `name` (e.g. "q"), which has `size` rows. `grad_group`, when set, is the
+    group of ranks that hold the same rows (a replicated kv head) and must sum its gradient."""
+
+    name: str
+    size: int
+    start: int
+    length: int
+    grad_group: object = None
+
+
+def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
+    """Flag a replicated parameter whose gradient on each tp rank is only a partial sum:
+    it was applied to this rank's sequence shard (sequence parallelism) or to this rank's
+    heads (QK-norm)."""
+    setattr(param, PARTIAL_ATTR, True)
+    return param
+
+
+def sync_tp_partial_grads(module: nn.Module, topo: Topology) -> None:
+    """Sum over tp the gradients of parameters flagged by `mark_tp_partial_grad`.
+
+    Called once after the backward passes of a step (before any data-parallel reduction),
+    like Megatron's finalize step, rather than once per microbatch.
+    """
+    grads = [p.grad for p in module.parameters() if getattr(p, PARTIAL_ATTR, False) and p.grad is not None]
+    if not grads or topo.tp == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce(flat, topo.tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows split over tp: each rank produces its slice of y.
+
+    `out` is either the global number of output features (split evenly) or a list of
+    `Block`s for fused projections (QKV, gate+up), so each rank gets matching sub-blocks
+    of every fused tensor.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out: int | list[Block],
+        topo: Topology,
+        bias: bool = True,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        std: float = 0.02,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(out, int):
+            if out % topo.tp != 0:
+                raise ValueError(f"output features {out} do not divide by tp={topo.tp}")
+            local = out // topo.tp
+            out = [Block("", out, topo.tp_rank * local, local)]
+        self.blocks = out
+        self.group = topo.tp_group
+        self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel and topo.tp > 1
+        out_local = sum(b.length for b in out)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_local, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_local, **kw)) if bias else None
+        w_pieces, b_pieces, offset = [], [], 0
+        for b in out:
+            wname = f"{b.name}.weight" if b.name else "weight"
+            bname = f"{b.name}.bias" if b.name else "bias"
+            w_pieces.append(Piece(wname, (b.size, in_features), 0, b.start, b.length, offset, "normal", std))
+            b_pieces.append(Piece(bname, (b.size,), 0, b.start, b.length, offset, "zeros"))
+            offset += b.length
+        set_pieces(self.weight, w_pieces)
+        if self.bias is not None:
+            set_pieces(self.bias, b_pieces)
+
+    def _shared(self, t: torch.Tensor) -> torch.Tensor:
+        """Route replicated blocks through copy_to_tp on their replica group, so their
+        gradient is the sum over the ranks that use them."""
+        if not any(b.grad_group is not None for b in self.blocks):
+            return t
+        parts, offset = [], 0
+        for b in self.blocks:
+            part = t[offset : offset + b.length]
+            parts.append(copy_to_tp(part, b.grad_group) if b.grad_group is not None else part)
+            offset += b.length
+        return torch.cat(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [batch, seq (/tp if sequence parallel), in]  ->  y: [batch, seq, out/tp]
+        if self.sequence_parallel:
+            x = gather_from_sp(x, self.group)
+        else:
+            x = copy_to_tp(x, self.group)
+        weight = self._shared(self.weight)
+        bias = self._shared(self.bias) if self.bias is not None else None
+        y = F.linear(x, weight, bias)
+        if self.gather_output:
+            y = gather_from_tp(y, self.group)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split over tp; partial products are summed.
+
+    The bias is added once, after the reduction (adding it per rank would count it tp times).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        topo: Topology,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        std: float = 0.02,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features % topo.tp != 0:
+            raise ValueError(f"input features {in_features} do not divide by tp={topo.tp}")
+        local = in_features // topo.tp
+        self.group = topo.tp_group
+        self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel and topo.tp > 1
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, local, **kw))
+        set_pieces(
+            self.weight,
+            [Piece("weight", (out_features, in_features), 1, topo.tp_rank * local, local, 0, "normal", std)],
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        if self.bias is not None:
+            set_pieces(self.bias, [Piece("bias", (out_features,), 0, 0, out_features, 0, "zeros")])
+            if self.sequence_parallel:
+                mark_tp_partial_grad(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [batch, seq, in/tp]  ->  y: [batch, seq (/tp if sequence parallel), out]
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.group)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of `multiple * tp` (Megatron's padding rule)."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose (padded) vocabulary rows are split over tp.
+
+    Each rank looks up the ids that fall in its row range and contributes zeros for the
+    rest; the sum over tp (or reduce-scatter over the sequence) is the full embedding.
+    Padding rows belong to no global tensor: they start at zero, are never looked up, and
+    the cross-entropy masks them so they never win a softmax.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden: int,
+        topo: Topology,
+        pad_multiple: int = 128,
+        sequence_parallel: bool = False,
+        std: float = 0.02,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.padded_size = padded_vocab_size(vocab_size, pad_multiple, topo.tp)
+        self.local_size = self.padded_size // topo.tp
+        self.vocab_start = topo.tp_rank * self.local_size
+        self.vocab_end = self.vocab_start + self.local_size
+        self.group = topo.tp_group
+        self.sequence_parallel = sequence_parallel and topo.tp > 1
+        self.weight = nn.Parameter(torch.empty(self.local_size, hidden, device=device, dtype=dtype))
+        # a rank whose rows are all padding still names the global tensor (an empty slice)
+        real = max(0, min(self.vocab_end, vocab_size) - self.vocab_start)
+        start = min(self.vocab_start, vocab_size)
+        set_pieces(self.weight, [Piece("weight", (vocab_size, hidden), 0, start, real, 0, "normal", std)])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: [batch, seq]  ->  [batch, seq (/tp if sequence parallel), hidden]
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        emb = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(emb, self.group)
+        return reduce_from_tp(emb, self.group)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for this rank's vocabulary rows: the output head (tied or not) is an
+        embedding table used the other way round."""
+        # x: [batch, seq (/tp if sequence parallel), hidden]  ->  [batch, seq, padded_vocab/tp]
+        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight)

@@ -1,0 +1,269 @@
+"""The process layout: sizes (tp, pp, dp), this rank's coordinates, and its groups.
+
+One owner for the layout. The arithmetic (`Layout`) is pure and unit-tested without
+processes; `Topology` adds the process groups and is made once per process, then passed
+in wherever it is needed (no module-global singleton).
+
+Rank order is Megatron's: tp fastest, then dp, then pp, i.e. the grid is
+``arange(world).reshape(pp, dp, tp)``. A tensor-parallel group is therefore a run of
+consecutive ranks, which keeps its heavy all-reduces inside one node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from trident.errors import UserError
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the three parallel dimensions; world = tp * pp * dp."""
+
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def grid(self) -> torch.Tensor:
+        """Global ranks as a [pp, dp, tp] grid."""
+        return torch.arange(self.world).reshape(self.pp, self.dp, self.tp)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        if not 0 <= rank < self.world:
+            raise UserError(f"rank {rank} is outside a world of {self.world} ranks (valid: 0..{self.world - 1})")
+        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def tp_groups(self) -> list[list[int]]:
+        return self.grid().reshape(-1, self.tp).tolist()
+
+    def dp_groups(self) -> list[list[int]]:
+        return self.grid().permute(0, 2, 1).reshape(-1, self.dp).tolist()
+
+    def pp_groups(self) -> list[list[int]]:
+        return self.grid().permute(1, 2, 0).reshape(-1, self.pp).tolist()
+
+    def embedding_groups(self) -> list[list[int]]:
+        """First and last stage of each pipeline: they hold the two copies of tied embeddings."""
+        return [sorted({g[0], g[-1]}) for g in self.pp_groups()]
+
+    def tp_block_groups(self, block: int) -> list[list[int]]:
+        """Each tp group cut into runs of `block` consecutive ranks (kv-head replicas under GQA)."""
+        return [g[i : i + block] for g in self.tp_groups() for i in range(0, self.tp, block)]
+
+
+def resolve_layout(world: int, tp: int = 1, pp: int = 1, dp: int | None = None) -> Layout:
+    """Check the sizes against the world and derive dp; one clear sentence on any mismatch.
+
+    Pure arithmetic, so every rank raises the same error before any collective is issued.
+    """
+    for name, value in (("world size", world), ("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
+    if dp is not None and (not isinstance(dp, int) or dp < 1):
+        raise UserError(f"dp must be a whole number >= 1 or left unset, got {dp!r}")
+    if world % (tp * pp) != 0:
+        raise UserError(
+            f"world size {world} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
+            f"choose tp and pp whose product divides {world}"
+        )
+    derived = world // (tp * pp)
+    if dp is not None and dp != derived:
+        raise UserError(
+            f"dp={dp} disagrees with world size {world} / (tp={tp} * pp={pp}) = {derived}; "
+            f"use dp={derived} or leave dp unset"
+        )
+    return Layout(tp=tp, pp=pp, dp=derived)
+
+
+def backend_for(device: torch.device | str) -> str:
+    """NCCL for CUDA tensors, gloo for everything else."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+@dataclass
+class Topology:
+    """This process's place in the layout, and the process groups it belongs to.
+
+    Groups are ``None`` only in a process that never initialised torch.distributed
+    (`Topology.single()`); every collective helper treats ``None`` as a group of one.
+    """
+
+    layout: Layout
+    rank: int
+    device: torch.device
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    embedding_group: dist.ProcessGroup | None = None
+    # tp sub-groups by block size: the ranks that share one replicated kv head
+    tp_block_groups: dict[int, dist.ProcessGroup | None] = field(default_factory=dict)
+
+    # --- coordinates -------------------------------------------------------------------
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coords(self.rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coords(self.rank)[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[2]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def pp_prev_rank(self) -> int | None:
+        """Global rank of the previous pipeline stage (same dp and tp coordinates)."""
+        if self.is_first_stage:
+            return None
+        return self.layout.rank_of(self.pp_rank - 1, self.dp_rank, self.tp_rank)
+
+    @property
+    def pp_next_rank(self) -> int | None:
+        if self.is_last_stage:
+            return None
+        return self.layout.rank_of(self.pp_rank + 1, self.dp_rank, self.tp_rank)
+
+    @property
+    def pp_last_rank(self) -> int:
+        """Global rank of the last stage of this rank's pipeline (it computes the loss)."""
+        return self.layout.rank_of(self.pp - 1, self.dp_rank, self.tp_rank)
+
+    def tp_block_group(self, block: int) -> dist.ProcessGroup | None:
+        """The group of `block` consecutive tp ranks containing this rank."""
+        if block == 1 or self.tp_group is None:
+            return None
+        if block == self.tp:
+            return self.tp_group
+        if block not in self.tp_block_groups:
+            raise UserError(f"no tp sub-group of size {block}; sizes that divide tp={self.tp} are valid")
+        return self.tp_block_groups[block]
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "Topology":
+        """A one-process layout with no process groups (the reference for every test)."""
+        return cls(layout=Layout(1, 1, 1), rank=0, device=torch.device(device))
+
+    @classmethod
+    def from_env(
+        cls,
+        tp: int = 1,
+        pp: int = 1,
+        dp: int | None = None,
+        device: str = "cpu",
+        timeout_s: float = 600.0,
+    ) -> "Topology":
+        """Join the job described by torchrun's environment and build every group.
+
+        All size checks run first, on every rank, so a bad layout raises the same
+        sentence everywhere instead of leaving some ranks waiting in a collective.
+        """
+        missing = [k for k in ENV_KEYS if k not in os.environ]
+        if missing:
+            raise UserError(
+                f"missing launcher environment variables {missing}; start trident under torchrun "
+                f"(or use --nproc N to let it launch local ranks)"
+            )
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        layout = resolve_layout(world, tp, pp, dp)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend_for(dev),
+                init_method="env://",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        return cls._with_groups(layout, dev, timeout_s)
+
+    @classmethod
+    def from_initialized(
+        cls, tp: int = 1, pp: int = 1, dp: int | None = None, device: str = "cpu", timeout_s: float = 600.0
+    ) -> "Topology":
+        """Build the groups on an already initialised default process group (tests, notebooks)."""
+        layout = resolve_layout(dist.get_world_size(), tp, pp, dp)
+        return cls._with_groups(layout, torch.device(device), timeout_s)
+
+    @classmethod
+    def _with_groups(cls, layout: Layout, device: torch.device, timeout_s: float) -> "Topology":
+        rank = dist.get_rank()
+        timeout = datetime.timedelta(seconds=timeout_s)
+
+        def mine(all_groups: list[list[int]]) -> dist.ProcessGroup:
+            # new_group is collective over the whole world: every rank creates every
+            # group, in the same order, and keeps the one that contains it.
+            found = None
+            for ranks in all_groups:
+                group = dist.new_group(ranks, timeout=timeout)
+                if rank in ranks:
+                    found = group
+            assert found is not None
+            return found
+
+        topo = cls(layout=layout, rank=rank, device=device)
+        topo.tp_group = mine(layout.tp_groups())
+        topo.dp_group = mine(layout.dp_groups())
+        topo.pp_group = mine(layout.pp_groups())
+        topo.embedding_group = mine(layout.embedding_groups())
+        for block in range(2, layout.tp):
+            if layout.tp % block == 0:
+                topo.tp_block_groups[block] = mine(layout.tp_block_groups(block))
+        return topo
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}/{self.world} (tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, "
+            f"dp {self.dp_rank}/{self.dp}) on {self.device}"
+        )
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
