@@ -156,6 +156,7 @@ class Attention(nn.Module):
         tp, r, hd = topo.tp, topo.tp_rank, cfg.head_dim
         self.layer, self.rng, self.head_dim = layer, rng, hd
         self.heads = cfg.n_heads // tp
+        replicas = 1
         if cfg.kv_heads % tp == 0:
             self.kv_heads, kv_start, kv_group = cfg.kv_heads // tp, r * (cfg.kv_heads // tp), None
         else:  # fewer kv heads than ranks: replicate
@@ -163,8 +164,8 @@ class Attention(nn.Module):
             self.kv_heads, kv_start, kv_group = 1, r // replicas, topo.tp_block_group(replicas)
         blocks = [
             Block("q", cfg.n_heads * hd, r * self.heads * hd, self.heads * hd),
-            Block("k", cfg.kv_heads * hd, kv_start * hd, self.kv_heads * hd, kv_group),
-            Block("v", cfg.kv_heads * hd, kv_start * hd, self.kv_heads * hd, kv_group),
+            Block("k", cfg.kv_heads * hd, kv_start * hd, self.kv_heads * hd, kv_group, replicas),
+            Block("v", cfg.kv_heads * hd, kv_start * hd, self.kv_heads * hd, kv_group, replicas),
         ]
         kw = {"device": device, "dtype": dtype}
         self.qkv = ColumnParallelLinear(cfg.hidden, blocks, topo, bias=cfg.bias, sequence_parallel=sp, std=cfg.init_std, **kw)
@@ -314,7 +315,8 @@ class GPT(nn.Module):
         if first_stage and cfg.position == "learned":
             self.pos_embedding = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.hidden, **kw))
             shape = (cfg.max_seq_len, cfg.hidden)
-            set_pieces(self.pos_embedding, [Piece("pos_embedding", shape, 0, 0, shape[0], 0, "normal", cfg.init_std)])
+            piece = Piece("pos_embedding", shape, 0, 0, shape[0], 0, "normal", cfg.init_std, replicas=-1)
+            set_pieces(self.pos_embedding, [piece])
             if self.sp:
                 mark_tp_partial_grad(self.pos_embedding)
         self.emb_dropout = _HiddenDropout(cfg.dropout, rng, self.sp)

@@ -44,6 +44,7 @@ class Block:
     start: int
     length: int
     grad_group: object = None
+    replicas: int = 1  # ranks holding the same rows (the size of grad_group)
 
 
 def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
@@ -109,8 +110,8 @@ class ColumnParallelLinear(nn.Module):
         for b in out:
             wname = f"{b.name}.weight" if b.name else "weight"
             bname = f"{b.name}.bias" if b.name else "bias"
-            w_pieces.append(Piece(wname, (b.size, in_features), 0, b.start, b.length, offset, "normal", std))
-            b_pieces.append(Piece(bname, (b.size,), 0, b.start, b.length, offset, "zeros"))
+            w_pieces.append(Piece(wname, (b.size, in_features), 0, b.start, b.length, offset, "normal", std, b.replicas))
+            b_pieces.append(Piece(bname, (b.size,), 0, b.start, b.length, offset, "zeros", replicas=b.replicas))
             offset += b.length
         set_pieces(self.weight, w_pieces)
         if self.bias is not None:
@@ -175,7 +176,7 @@ class RowParallelLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         if self.bias is not None:
-            set_pieces(self.bias, [Piece("bias", (out_features,), 0, 0, out_features, 0, "zeros")])
+            set_pieces(self.bias, [Piece("bias", (out_features,), 0, 0, out_features, 0, "zeros", replicas=-1)])
             if self.sequence_parallel:
                 mark_tp_partial_grad(self.bias)
 

@@ -47,6 +47,7 @@ class Piece:
     local_start: int
     init: str = "normal"  # normal | zeros | ones
     std: float = 0.02
+    replicas: int = 1  # how many tp ranks hold this same slice (a replicated kv head)
 
 
 def set_pieces(param: nn.Parameter, pieces: list[Piece]) -> nn.Parameter:
@@ -55,12 +56,36 @@ def set_pieces(param: nn.Parameter, pieces: list[Piece]) -> nn.Parameter:
 
 
 def pieces_of(param: nn.Parameter, leaf: str) -> tuple[Piece, ...]:
-    """The pieces of a parameter; an unannotated parameter is one replicated global tensor."""
+    """The pieces of a parameter; an unannotated parameter is one global tensor that every
+    tp rank holds whole (norm weights and biases: ones and zeros)."""
     found = getattr(param, _ATTR, None)
     if found is not None:
         return found
     shape = tuple(param.shape)
-    return (Piece(leaf, shape, 0, 0, shape[0], 0, init="ones" if leaf == "weight" else "zeros"),)
+    return (Piece(leaf, shape, 0, 0, shape[0], 0, init="ones" if leaf == "weight" else "zeros", replicas=-1),)
+
+
+def tp_replicas(piece: Piece, tp: int) -> int:
+    """How many ranks of a tp group hold this piece's elements (-1 in a Piece means all).
+
+    A global quantity summed over the tp group (the gradient norm, a parameter count)
+    divides each piece's contribution by this, so replicated values count once.
+    """
+    return tp if piece.replicas == -1 else piece.replicas
+
+
+def local_grad_sq_norm(module: nn.Module, tp: int) -> torch.Tensor:
+    """This rank's share of the squared gradient norm, such that the sum over the tp group
+    is the squared norm of the whole (unsharded) gradient: replicated slices are weighted
+    by 1/replicas and padding rows, which belong to no global tensor, are left out."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, param in module.named_parameters():
+        if param.grad is None:
+            continue
+        for piece in pieces_of(param, name.rpartition(".")[2]):
+            g = param.grad.detach().narrow(piece.dim, piece.local_start, piece.length)
+            total += g.double().pow(2).sum().cpu() / tp_replicas(piece, tp)
+    return total
 
 
 def global_name(param_name: str, piece: Piece) -> str:

@@ -2,7 +2,8 @@
 
 For each architecture variant, on 4 gloo ranks: tp in {1, 2, 4} (tp=2 runs as two data
 replicas of a tp=2 model), with and without sequence parallelism, with plain and with
-document-masked packed inputs. Gradients are gathered back to full global tensors.
+document-masked packed inputs. Gradients are gathered back to full global tensors, and
+the gradient norm assembled from shards equals the single-process norm.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ TOL = 1e-5
 def _check_variant(variant: str) -> list[str]:
     from trident.model.gpt import GPT
     from trident.parallel.layers import sync_tp_partial_grads
-    from trident.parallel.sharding import gather_full
+    from trident.parallel.mappings import all_reduce
+    from trident.parallel.sharding import gather_full, local_grad_sq_norm
     from trident.parallel.topology import Topology
 
     cfg = VARIANTS[variant]
@@ -45,6 +47,10 @@ def _check_variant(variant: str) -> list[str]:
                     err = rel_err(g, ref["grads"][name])
                     assert err <= TOL, f"{where}: gradient of {name} differs, relative error {err:.2e}"
                     assert ref["grads"][name].abs().sum() > 0, f"{where}: {name} has no gradient at all"
+                # the gradient norm from shards counts replicated values once
+                sq = all_reduce(local_grad_sq_norm(model, tp), topo.tp_group)
+                ref_sq = sum(g.double().pow(2).sum() for g in ref["grads"].values())
+                assert abs(sq.item() / ref_sq.item() - 1) <= 1e-6, f"{where}: grad norm^2 {sq.item()} vs {ref_sq.item()}"
                 checked.append(where)
     return checked
 
