@@ -80,7 +80,8 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return all_reduce(grad.contiguous(), ctx.group), None
+        # never reduce in place: autograd may hand the same gradient tensor to other branches
+        return all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
