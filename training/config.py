@@ -220,6 +220,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise UserError(f"{key} must be a whole number, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key} must be a number, got {value!r}")
         return float(value)
