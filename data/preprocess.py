@@ -14,6 +14,7 @@ process and sentencepiece uses its own thread pool over each chunk instead.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -95,7 +96,7 @@ class _Encoder:
         per_doc: list[int] = []
         result = ChunkResult(np.empty(0, self.dtype), np.empty(0, np.int32), np.empty(0, np.int32))
         for record in chunk:
-            result.input_bytes += len(record.raw) + 1
+            result.input_bytes += record.disk_bytes
             try:
                 parts = parse_record(record, self.json_key)
             except BadRecord as err:
@@ -122,7 +123,7 @@ class _Encoder:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         total = int(lengths.sum(dtype=np.int64))
         if total:
-            tokens = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=total)
+            tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)  # [total]
             if int(tokens.max()) > np.iinfo(self.dtype).max:
                 raise UserError(f"token id {int(tokens.max())} does not fit {self.dtype}.")
             result.tokens = tokens.astype(self.dtype)
@@ -220,23 +221,25 @@ def preprocess(
                     consume(local.encode_chunk(chunk))
             else:
                 import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
 
                 # spawn: the parent may hold threads (tqdm, torch) that fork would copy mid-lock.
-                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=encoder_args)
+                # An executor (not mp.Pool) fails with BrokenProcessPool if a worker dies,
+                # where a Pool would respawn it forever and hang.
+                pool = ProcessPoolExecutor(
+                    workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=encoder_args
+                )
                 pending: deque = deque()
                 for chunk in chunks:
-                    pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+                    pending.append(pool.submit(_encode_in_worker, chunk))
                     if len(pending) >= 2 * workers:
-                        consume(pending.popleft().get())
+                        consume(pending.popleft().result())
                 while pending:
-                    consume(pending.popleft().get())
-                pool.close()
-                pool.join()
-                pool = None
+                    consume(pending.popleft().result())
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            # On an error or Ctrl-C, queued chunks are cancelled; running ones finish (< 1 chunk).
+            pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - start

@@ -70,20 +70,38 @@ class Record:
     line: int
     kind: str  # "jsonl" | "text"
     raw: bytes
+    disk_bytes: int = 0  # bytes of the file on disk consumed up to this record (compressed for .gz)
 
 
 def iter_records(files: Sequence[str], text_per_line: bool = False) -> Iterator[Record]:
-    """Raw records of ``files`` in order; blank JSONL lines are not records."""
+    """Raw records of ``files`` in order; blank JSONL lines are not records.
+
+    ``disk_bytes`` follows the position in the file on disk, so a progress bar over file
+    sizes (and its time estimate) stays right for gzipped inputs too.
+    """
     for path in files:
         kind = input_kind(path)
         with open_binary(path) as f:
+            disk = getattr(f, "fileobj", None) or f  # a GzipFile reads from .fileobj
+            last = 0
+
+            def consumed() -> int:
+                nonlocal last
+                try:
+                    pos = disk.tell()
+                except OSError:  # a pipe: no position
+                    return 0
+                delta, last = pos - last, pos
+                return delta
+
             if kind == "text" and not text_per_line:
-                yield Record(path, 1, kind, f.read())
+                raw = f.read()
+                yield Record(path, 1, kind, raw, consumed())
                 continue
             for line_no, line in enumerate(f, start=1):
                 if kind == "jsonl" and not line.strip():
                     continue
-                yield Record(path, line_no, kind, line.rstrip(b"\r\n"))
+                yield Record(path, line_no, kind, line.rstrip(b"\r\n"), consumed())
 
 
 def parse_record(record: Record, json_key: str = "text") -> list[str]:

@@ -9,6 +9,7 @@ import argparse
 import importlib
 
 BENCHES: dict[str, str] = {
+    "data": "trident.tools.bench_data",
 }
 
 

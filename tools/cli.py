@@ -16,7 +16,11 @@ from trident.errors import UserError
 # name -> module; the order is the order of `trident --help`.
 SUBCOMMANDS: dict[str, str] = {
     "demo": "trident.tools.demo",
+    "plot": "trident.tools.plot",
     "bench": "trident.tools.bench",
+    "preprocess": "trident.tools.preprocess",
+    "tokenizer": "trident.tools.tokenizer_cmd",
+    "corpus": "trident.tools.corpus_cmd",
 }
 
 
@@ -34,12 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for relaunching it as N local ranks
     try:
         result = args.func(args)
     except UserError as err:  # a mistake the user can fix: one sentence, no traceback
         print(f"trident {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written atomically; nothing to clean up here
+        print(f"trident {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

@@ -9,7 +9,6 @@ processes; `trident train` (configs, data pipeline, checkpoints) builds on the s
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from trident.tools.launch import launch_local, under_launcher
 
     if not under_launcher() and args.nproc > 1:
-        argv = [a for a in sys.argv[1:]]
-        return launch_local(args.nproc, argv)
+        return launch_local(args.nproc, args.argv)
     return _rank_main(args)
 
 

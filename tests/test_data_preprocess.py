@@ -1,0 +1,216 @@
+"""`trident preprocess`: inputs of every kind, bad lines, empty documents, atomicity, workers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_fixtures import *  # noqa: F401,F403
+from trident.data.corpus import stdlib_root, stdlib_sources, write_stdlib_corpus
+from trident.data.indexed import IndexedDataset
+from trident.data.preprocess import preprocess
+from trident.data.tokenizer import load_tokenizer
+from trident.errors import UserError
+
+
+def docs_of(prefix) -> list[list[int]]:
+    ds = IndexedDataset(prefix)
+    return [ds.document(d).tolist() for d in range(ds.num_documents)]
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p for p in os.listdir(folder) if ".tmp" in p)
+
+
+def test_jsonl_documents_eod_lists_and_empty(tmp_path, sp_model):
+    tok = load_tokenizer(sp_model)
+    rows = [
+        {"text": "def a():\n    return 1\n"},
+        {"text": ""},  # empty: skipped and counted
+        {"text": ["first sentence.", "", "second one."]},  # a list: one sequence per non-empty string
+        {"text": "   \n\t"},  # whitespace only: empty too
+        {"text": "x = [1, 2, 3]", "meta": 5},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line is not a record
+    stats = preprocess([str(src)], str(tmp_path / "out"), str(sp_model), append_eod=True, progress=False)
+    assert (stats.documents, stats.sequences, stats.empty_documents, stats.bad_lines) == (3, 4, 2, 0)
+    ds = IndexedDataset(tmp_path / "out")
+    assert ds.dtype == np.uint16 and ds.num_documents == 3 and len(ds) == 4
+    assert ds[0].tolist() == tok.encode(rows[0]["text"]) + [tok.eod_id]
+    # Megatron's rule: EOD goes after the last sequence of a document only.
+    assert ds[1].tolist() == tok.encode("first sentence.")
+    assert ds[2].tolist() == tok.encode("second one.") + [tok.eod_id]
+    assert ds[3].tolist() == tok.encode("x = [1, 2, 3]") + [tok.eod_id]
+    assert stats.tokens == ds.num_tokens
+    assert leftovers(tmp_path) == []
+
+
+def test_text_gz_folders_globs_and_json_key(tmp_path, sp_model):
+    tok = load_tokenizer(sp_model)
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("file b\nsecond line of b\n")
+    (folder / "sub" / "a.py").write_text("print('a')\n")
+    (folder / ".hidden").write_text("never read")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"content": "from gz"}) + "\n")
+    (tmp_path / "lines.txt").write_text("line one\n\nline three\n")
+
+    preprocess([str(folder), str(tmp_path / "*.jsonl.gz")], str(tmp_path / "o1"), str(sp_model),
+               json_key="content", progress=False)
+    # folder files sorted by path: b.txt, then sub/a.py; then the glob's gz file
+    assert docs_of(tmp_path / "o1") == [
+        tok.encode("file b\nsecond line of b\n"), tok.encode("print('a')\n"), tok.encode("from gz")
+    ]
+    stats = preprocess([str(tmp_path / "lines.txt")], str(tmp_path / "o2"), str(sp_model), text_per_line=True,
+                       progress=False)
+    assert docs_of(tmp_path / "o2") == [tok.encode("line one"), tok.encode("line three")]
+    assert stats.empty_documents == 1
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"text": "ok"', "malformed JSON"),
+        ('{"body": "no text key"}', "missing key 'text'"),
+        ('{"text": 5}', "key 'text' holds int, not a string"),
+        ('["a list"]', "expected a JSON object"),
+    ],
+)
+def test_bad_line_stops_with_file_and_line(tmp_path, sp_model, line, reason):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "good"}\n{"text": "also good"}\n' + line + '\n{"text": "after"}\n')
+    with pytest.raises(UserError, match=f"{src}:3: {reason}"):
+        preprocess([str(src)], str(tmp_path / "out"), str(sp_model), progress=False)
+    assert os.listdir(tmp_path) == ["bad.jsonl"]  # nothing written, no temporary files
+
+
+def test_skip_bad_lines_counts_them(tmp_path, sp_model):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"text": "good"}\n{oops\n{"text": "\xff\xfe"}\n{"other": 1}\n{"text": "end"}\n')
+    stats = preprocess([str(src)], str(tmp_path / "out"), str(sp_model), skip_bad_lines=True, progress=False)
+    assert (stats.documents, stats.bad_lines) == (2, 3)
+
+
+def test_cli_bad_line_exits_2_and_keeps_previous_output(tmp_path, sp_model, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "hello"}\n')
+    out = str(tmp_path / "out")
+    assert run_cli(["preprocess", "--input", str(good), "--output-prefix", out, "--tokenizer", str(sp_model),
+                    "--append-eod", "--quiet"]) == 0
+    assert "1 documents" in capsys.readouterr().out
+    before = (open(out + ".bin", "rb").read(), open(out + ".idx", "rb").read())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    assert run_cli(["preprocess", "--input", str(bad), "--output-prefix", out, "--tokenizer", str(sp_model),
+                    "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: malformed JSON" in err and "--skip-bad-lines" in err and err.count("\n") == 1
+    assert (open(out + ".bin", "rb").read(), open(out + ".idx", "rb").read()) == before
+    assert leftovers(tmp_path) == []
+    assert run_cli(["preprocess", "--input", str(tmp_path / "missing*.jsonl"), "--output-prefix", out,
+                    "--tokenizer", str(sp_model)]) == 2
+    assert "matches no files" in capsys.readouterr().err
+
+
+def test_keyboard_interrupt_leaves_nothing_half_written(tmp_path, sp_model, stdlib_jsonl, monkeypatch):
+    from trident.data import preprocess as pre
+
+    calls = {"n": 0}
+    real = pre._Encoder.encode_chunk
+
+    def interrupted(self, chunk):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, chunk)
+
+    monkeypatch.setattr(pre._Encoder, "encode_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess([str(stdlib_jsonl)], str(tmp_path / "out"), str(sp_model), progress=False, chunk_bytes=20_000)
+    assert calls["n"] == 3
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigint_to_process_group_with_workers(tmp_path, sp_model):
+    """Ctrl-C in a terminal reaches the parent and its workers; the run must clean up and exit."""
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)  # the run blocks reading it, mid-output, until we decide
+    code = (
+        "import sys\nfrom trident.data.preprocess import preprocess\n"
+        "preprocess([sys.argv[1]], sys.argv[2], sys.argv[3], workers=2, progress=False, chunk_bytes=2000)\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(fifo), str(out), str(sp_model)],
+                            start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        with open(fifo, "w") as writer:  # returns once the run has opened its input
+            for i in range(40):
+                writer.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 5}) + "\n")
+            writer.flush()
+            deadline = time.monotonic() + 30
+            while not any(".tmp" in p for p in os.listdir(tmp_path)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert leftovers(tmp_path), "the run never started writing"
+            time.sleep(0.5)  # let chunks reach the workers
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0 and b"KeyboardInterrupt" in err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_workers_output_identical_to_one_worker(tmp_path, sp_model, stdlib_jsonl):
+    kwargs = dict(append_eod=True, progress=False, chunk_bytes=30_000)  # many chunks in flight
+    s1 = preprocess([str(stdlib_jsonl)], str(tmp_path / "w1"), str(sp_model), workers=1, **kwargs)
+    s2 = preprocess([str(stdlib_jsonl)], str(tmp_path / "w2"), str(sp_model), workers=2, **kwargs)
+    assert s1.documents > 10 and (s1.documents, s1.tokens) == (s2.documents, s2.tokens)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"w1{ext}").read_bytes() == (tmp_path / f"w2{ext}").read_bytes()
+    assert "docs/s" in s2.summary() and "MB/s" in s2.summary()
+
+
+def test_workers_must_be_positive(tmp_path, sp_model, stdlib_jsonl):
+    with pytest.raises(UserError, match="--workers 0"):
+        preprocess([str(stdlib_jsonl)], str(tmp_path / "o"), str(sp_model), workers=0)
+
+
+def test_stdlib_corpus_is_deterministic_and_excludes_site_packages(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    stats = write_stdlib_corpus(a, include=["json/*.py", "csv.py"])
+    write_stdlib_corpus(b, include=["json/*.py", "csv.py"])
+    assert a.read_bytes() == b.read_bytes()
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    paths = [r["path"] for r in rows]
+    assert paths == sorted(paths) and "csv.py" in paths and "json/__init__.py" in paths
+    assert stats.files == len(rows)
+    assert rows[paths.index("csv.py")]["text"] == (stdlib_root() / "csv.py").read_text(encoding="utf-8")
+    everything = stdlib_sources()
+    assert len(everything) > 500
+    assert not any(p.parts[0] in ("site-packages", "dist-packages") for p in everything)
+
+
+def test_cli_corpus_and_merge(tmp_path, sp_model, capsys):
+    out = tmp_path / "c.jsonl"
+    assert run_cli(["corpus", "stdlib", "--output", str(out), "--include", "json/*.py", "--limit", "2"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    for name in ("p1", "p2"):
+        assert run_cli(["preprocess", "--input", str(out), "--output-prefix", str(tmp_path / name),
+                        "--tokenizer", str(sp_model), "--quiet"]) == 0
+    assert run_cli(["preprocess", "--merge", str(tmp_path / "p1"), str(tmp_path / "p2"),
+                    "--output-prefix", str(tmp_path / "m")]) == 0
+    assert docs_of(tmp_path / "m") == docs_of(tmp_path / "p1") * 2
+    assert run_cli(["corpus", "info", str(tmp_path / "m")]) == 0
+    assert "4 documents" in capsys.readouterr().out
