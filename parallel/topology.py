@@ -99,8 +99,9 @@ def backend_for(device: torch.device | str) -> str:
 class Topology:
     """This process's place in the layout, and the process groups it belongs to.
 
-    Groups are ``None`` only in a process that never initialised torch.distributed
-    (`Topology.single()`); every collective helper treats ``None`` as a group of one.
+    Groups are ``None`` in a process that never initialised torch.distributed
+    (`Topology.single()`), where every collective helper treats ``None`` as a group of
+    one; and `embedding_group` is ``None`` on the middle stages of a pipeline (pp >= 3).
     """
 
     layout: Layout
@@ -233,7 +234,7 @@ class Topology:
         rank = dist.get_rank()
         timeout = datetime.timedelta(seconds=timeout_s)
 
-        def mine(all_groups: list[list[int]]) -> dist.ProcessGroup:
+        def mine(all_groups: list[list[int]], required: bool = True) -> dist.ProcessGroup | None:
             # new_group is collective over the whole world: every rank creates every
             # group, in the same order, and keeps the one that contains it.
             found = None
@@ -241,14 +242,15 @@ class Topology:
                 group = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks:
                     found = group
-            assert found is not None
+            assert found is not None or not required
             return found
 
         topo = cls(layout=layout, rank=rank, device=device)
         topo.tp_group = mine(layout.tp_groups())
         topo.dp_group = mine(layout.dp_groups())
         topo.pp_group = mine(layout.pp_groups())
-        topo.embedding_group = mine(layout.embedding_groups())
+        # middle pipeline stages (pp >= 3) hold no embedding copy and belong to no such group
+        topo.embedding_group = mine(layout.embedding_groups(), required=False)
         for block in range(2, layout.tp):
             if layout.tp % block == 0:
                 topo.tp_block_groups[block] = mine(layout.tp_block_groups(block))

@@ -1,0 +1,110 @@
+"""Point-to-point transfers between neighbouring pipeline stages.
+
+Activations travel forward (stage r -> r+1) and their gradients backward (r+1 -> r).
+Both ends know every tensor's shape and dtype from the config (`activation_shape`), so
+nothing but the data itself crosses the wire: no shape handshake, no extra latency per
+transfer, and a shape mismatch is a config error caught before the first step.
+
+All operations of one `exchange` are posted together with ``batch_isend_irecv`` and
+waited on together, which is what lets a stage send its activation to the next stage and
+receive a gradient from it in one round trip (Megatron's ``send_forward_recv_backward``)
+without either side having to go first. Which exchanges happen in what order is the
+schedule's business (`trident.training.schedule.plan`); this module only moves tensors.
+
+Works on gloo (CPU tensors) and NCCL (CUDA tensors on the topology's device). Peers are
+global ranks taken from the topology, so tp and dp replicas of a stage each talk to
+their own counterpart in the neighbouring stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from trident.errors import UserError
+from trident.parallel.topology import Topology
+
+
+def activation_shape(
+    micro_batch_size: int, seq_len: int, hidden: int, tp: int = 1, sequence_parallel: bool = False
+) -> tuple[int, int, int]:
+    """Shape of the hidden state between stages: [b, s, hidden], or [b, s/tp, hidden]
+    when sequence parallelism shards the sequence (each tp rank sends its own shard)."""
+    if sequence_parallel and tp > 1:
+        if seq_len % tp != 0:
+            raise UserError(f"sequence length {seq_len} is not divisible by tp={tp} (sequence parallelism)")
+        seq_len //= tp
+    return (micro_batch_size, seq_len, hidden)
+
+
+class StageComm:
+    """This rank's links to the previous and next stage of its pipeline.
+
+    `shape` and `dtype` describe every tensor in both directions (an activation and its
+    gradient have the same shape).
+    """
+
+    def __init__(
+        self,
+        topo: Topology,
+        shape: tuple[int, ...],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.prev, self.next = topo.pp_prev_rank, topo.pp_next_rank
+        self.group = topo.pp_group
+        self.shape, self.dtype = tuple(shape), dtype
+        self.device = torch.device(device) if device is not None else topo.device
+        self.sends = self.recvs = 0  # operations issued, for tests and logs
+        if topo.pp > 1 and self.device.type == "cuda" and dist.get_backend(self.group) == "nccl":
+            # NCCL needs every rank of a group in that group's first operation before a
+            # batch_isend_irecv may involve only some of them (torch's documented rule);
+            # a one-element all-reduce here makes the pipeline's first transfer safe.
+            dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+
+    def _check(self, t: torch.Tensor, to: str) -> torch.Tensor:
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype:
+            raise ValueError(
+                f"sending a {tuple(t.shape)} {t.dtype} tensor to the {to} stage, but the config says "
+                f"{self.shape} {self.dtype}; every stage must agree on the activation shape"
+            )
+        return t.detach().contiguous()
+
+    def exchange(
+        self,
+        send_prev: torch.Tensor | None = None,
+        send_next: torch.Tensor | None = None,
+        recv_prev: bool = False,
+        recv_next: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Post the requested sends and receives as one batch, wait for all of them, and
+        return (tensor from the previous stage, tensor from the next stage)."""
+        ops: list[dist.P2POp] = []
+        from_prev = from_next = None
+        if send_prev is not None or recv_prev:
+            if self.prev is None:
+                raise ValueError("the first stage has no previous stage to exchange with")
+        if send_next is not None or recv_next:
+            if self.next is None:
+                raise ValueError("the last stage has no next stage to exchange with")
+        # fixed order within a batch (prev before next); NCCL groups them, gloo posts each
+        if send_prev is not None:
+            ops.append(dist.P2POp(dist.isend, self._check(send_prev, "previous"), self.prev, self.group))
+        if recv_prev:
+            from_prev = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, from_prev, self.prev, self.group))
+        if send_next is not None:
+            ops.append(dist.P2POp(dist.isend, self._check(send_next, "next"), self.next, self.group))
+        if recv_next:
+            from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, from_next, self.next, self.group))
+        if not ops:
+            return None, None
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        if self.device.type == "cuda":
+            # received buffers are written on NCCL's stream; Megatron synchronises here too
+            torch.cuda.synchronize(self.device)
+        self.sends += (send_prev is not None) + (send_next is not None)
+        self.recvs += recv_prev + recv_next
+        return from_prev, from_next
