@@ -11,6 +11,7 @@ import importlib
 BENCHES: dict[str, str] = {
     "data": "trident.tools.bench_data",
     "pipeline": "trident.tools.bench_pipeline",
+    "zero": "trident.tools.bench_zero",
 }
 
 

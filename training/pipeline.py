@@ -168,6 +168,7 @@ def run_pipeline(
     label_smoothing: float = 0.0,
     reduce_loss_over_dp: bool = True,
     act_dtype: torch.dtype | None = None,
+    loss_scale: float = 1.0,
 ) -> PipelineResult:
     """Run one step of `schedule` on this rank's stage and return the global-batch loss.
 
@@ -181,6 +182,8 @@ def run_pipeline(
     loss_divisor: loss-bearing tokens in the whole global batch (all microbatches, all dp
         ranks), so the loss does not depend on the layout.
     forward_only: evaluation; no activations kept, no gradients, no hooks called.
+    loss_scale: fp16 dynamic loss scale; only the back-propagated loss is multiplied by it
+        (the returned loss is the true one), the optimizer unscales the gradients.
     """
     p, r, m = topo.pp, topo.pp_rank, len(microbatches)
     _check_args(model, topo, microbatches, act_shape, loss_divisor, schedule)
@@ -223,7 +226,7 @@ def run_pipeline(
                         y = y * data["loss_mask"].to(device=device, dtype=y.dtype)
                     y = y.sum()
                     loss_sum += y.detach().float()
-                    y = y / loss_divisor
+                    y = y * (loss_scale / loss_divisor)
                 else:  # y: hidden [b, s(/tp), hidden]
                     outbox_act[mb] = y.detach()
                 if training:
