@@ -15,8 +15,10 @@ from trident.errors import UserError
 
 # name -> module; the order is the order of `trident --help`.
 SUBCOMMANDS: dict[str, str] = {
+    "train": "trident.tools.train",
     "demo": "trident.tools.demo",
     "plot": "trident.tools.plot",
+    "checkpoint": "trident.tools.checkpoint_cmd",
     "bench": "trident.tools.bench",
     "preprocess": "trident.tools.preprocess",
     "tokenizer": "trident.tools.tokenizer_cmd",
@@ -39,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    # `section.key=value` overrides may sit anywhere among the options
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     args.argv = argv  # the command line as given, for relaunching it as N local ranks
     try:
         result = args.func(args)

@@ -1,0 +1,145 @@
+"""`trident train` end to end, through the command line, at several layouts.
+
+One small llama-style config trains for 10 steps at (tp, pp, dp) = (1,1,1), (2,1,1),
+(1,2,1), (1,1,2) and (2,2,2) on the stdlib corpus; every layout must log the same loss at
+every step (fp32, dropout 0). Also: the metrics file, config rejection, SIGTERM, and a
+two-"node" torchrun launch on localhost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "demo.yaml"
+TINY = [
+    "model.n_layers=2", "model.hidden=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+    "model.max_seq_len=32", "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8",
+    "eval.iters=1", "eval.interval=5", "log.interval=1", "checkpoint.interval=-1", "optim.warmup_steps=2",
+    "data.vocab_size=512", "model.vocab_size=512",
+]
+TIMEOUT = 420
+
+
+def trident(*args: str, timeout: float = TIMEOUT, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "trident", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trident {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The stdlib corpus, tokenizer and dataset, prepared once by a one-step run."""
+    work = tmp_path_factory.mktemp("trident-data")
+    trident("train", "--config", str(CONFIG), "--run-dir", str(work / "prep"), *TINY, "train.steps=1",
+            f"data.work_dir={work}")
+    return work
+
+
+@pytest.fixture(scope="session")
+def reference_run(data_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run-1-1-1")
+    trident("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, "train.steps=10", f"data.work_dir={data_dir}")
+    return run
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)])
+def test_every_layout_logs_the_same_losses(reference_run, data_dir, tmp_path, tp, pp, dp):
+    world = tp * pp * dp
+    trident("train", "--config", str(CONFIG), "--nproc", str(world), "--tp", str(tp), "--pp", str(pp),
+            "--run-dir", str(tmp_path), *TINY, "train.steps=10", f"data.work_dir={data_dir}")
+    ref, got = losses(reference_run), losses(tmp_path)
+    assert len(ref) == len(got) == 10
+    for step, (a, b) in enumerate(zip(got, ref), start=1):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} at (tp={tp}, pp={pp}, dp={dp}) vs {b} at (1,1,1)"
+    assert ref[-1] < ref[0]  # and it learns
+
+
+def test_metrics_file_and_resolved_config(reference_run):
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops", "mfu",
+                "param_bytes", "grad_bytes", "optimizer_bytes"):
+        assert all(key in r for r in train), key
+    assert [r["step"] for r in train] == list(range(1, 11))
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [5, 10] and all(r["val_ppl"] > 1 for r in val)
+    resolved = json.loads((reference_run / "config.json").read_text())
+    assert resolved["derived"]["dp"] == 1 and resolved["derived"]["microbatches_per_step"] == 4
+    assert resolved["derived"]["tokens_per_step"] == 8 * 32 and resolved["train"]["steps"] == 10
+    # warm-up then cosine: lr rises for 2 steps, then falls
+    lrs = [r["lr"] for r in train]
+    assert lrs[0] < lrs[1] and all(b <= a for a, b in zip(lrs[1:], lrs[2:]))
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train.stepz=3"], "unknown config key train.stepz; valid keys in train are"),
+        (["optim.schedule=exp"], "optim.schedule is 'exp'; valid values are cosine, linear, constant, wsd"),
+        (["--nproc", "3", "--tp", "2"], "world size 3 is not divisible by tp*pp = 2*1 = 2"),
+    ],
+)
+def test_bad_config_is_rejected_before_any_rank_starts(tmp_path, args, words):
+    proc = trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *args, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(data_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "trident", "train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *TINY,
+           "train.steps=100000", "checkpoint.interval=0", "eval.interval=0", f"data.work_dir={data_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "(signal)" in out
+    steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    latest = json.loads((tmp_path / "checkpoints" / "latest").read_text())
+    assert latest["step"] == steps[-1] and 2 <= steps[-1] < 100000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_torchrun_on_localhost(data_dir, reference_run, tmp_path):
+    """Two torchrun agents (--nnodes 2), one rank each, meet at a c10d rendezvous: dp=2."""
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    nodes = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "trident-test",
+               "-m", "trident", "train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *TINY,
+               "train.steps=10", f"data.work_dir={data_dir}"]
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outs = [n.communicate(timeout=TIMEOUT) for n in nodes]
+    for n, (out, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-4000:]
+    got, ref = losses(tmp_path), losses(reference_run)
+    assert len(got) == 10 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref))
+    assert json.loads((tmp_path / "config.json").read_text())["derived"]["world"] == 2

@@ -1,0 +1,56 @@
+"""`trident train --config FILE.yaml [--tp N] [--pp N] [--dp N] [--nproc N] [--run-dir DIR] [section.key=value ...]`
+
+Under torchrun (or any launcher that sets RANK/WORLD_SIZE/...) this process is one rank.
+Outside a launcher, `--nproc N` starts N local ranks through torch's elastic launcher with
+the same arguments; without `--nproc` it trains as a single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (one rank under torchrun, or N local ranks with --nproc)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML config (see configs/); defaults apply when omitted")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (parallel.tp)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (parallel.pp)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel size (parallel.dp); derived when unset")
+    p.add_argument("--nproc", type=int, default=None, help="start this many local ranks (outside torchrun)")
+    p.add_argument("--run-dir", default=None, help="where metrics, the resolved config and checkpoints go")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart failed ranks this often")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=100")
+    p.set_defaults(func=run)
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """The flag shortcuts (--tp/--pp/--dp) as config overrides, after the positional ones."""
+    extra = list(args.overrides)
+    for name in ("tp", "pp", "dp"):
+        value = getattr(args, name)
+        if value is not None:
+            extra.append(f"parallel.{name}={value}")
+    return extra
+
+
+def run(args: argparse.Namespace) -> int:
+    from trident.tools.launch import launch_local, under_launcher
+    from trident.training.config import load_config
+
+    # validate the config before starting any rank: one message, once
+    cfg = load_config(args.config, overrides_from_args(args))
+    if not under_launcher() and args.nproc is not None and args.nproc > 1:
+        from trident.training.config import derive
+
+        derive(cfg, args.nproc)
+        return launch_local(args.nproc, args.argv, max_restarts=args.max_restarts)
+    from trident.training.trainer import train
+
+    train(cfg, run_dir=args.run_dir, resume=args.resume)
+    return 0

@@ -1,0 +1,432 @@
+"""The training program: one function that composes every part, run once per rank.
+
+    config -> layout checks -> process groups -> data -> model stage -> optimizer
+    loop: global batch -> pipeline step (1F1B, or plain accumulation at pp=1)
+          -> dp reduction, clipping, AdamW (ZeRO) -> LR schedule -> metrics
+          -> validation / checkpoint / stop signals
+
+Every decision that ends the loop (step count, time budget, SIGTERM/SIGINT, early
+stopping, a non-finite loss) is taken on values all ranks agree on -- the global loss,
+or a flag all-reduced over the world -- so ranks always stop at the same step and never
+leave a peer waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trident.errors import UserError
+from trident.parallel.mappings import all_reduce
+from trident.parallel.p2p import activation_shape
+from trident.parallel.random import RNGStreams
+from trident.parallel.stages import stage_layers
+from trident.parallel.topology import Topology
+from trident.training import checkpoint as ckpt
+from trident.training.clip import NonFiniteGradientError
+from trident.training.config import Config, derive
+from trident.training.data_setup import build_data
+from trident.training.lr_schedule import LRSchedule
+from trident.training.metrics import MetricsWriter, declared_peak_tflops, flops_per_token, measured_peak_tflops
+from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
+from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
+from trident.training.pipeline import build_stage, run_pipeline
+
+
+class NonFiniteLossError(RuntimeError):
+    """The global loss became inf/NaN in fp32/bf16 and the config says to stop."""
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    final_loss: float | None
+    val_loss: float | None
+    stopped_by: str
+    run_dir: str
+    losses: list[float] = field(default_factory=list)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop stops at a step edge."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _launched() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / "trident"
+
+
+def make_topology(cfg: Config) -> Topology:
+    """Check everything that can be checked without processes, then join the job."""
+    world = int(os.environ["WORLD_SIZE"]) if _launched() else 1
+    derive(cfg, world)
+    stage_layers(cfg.model.n_layers, cfg.parallel.pp, cfg.parallel.pp_split)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is available; use train.device=cpu")
+    if not _launched():
+        return Topology.single(cfg.train.device)
+    p = cfg.parallel
+    return Topology.from_env(tp=p.tp, pp=p.pp, dp=p.dp, device=cfg.train.device, timeout_s=p.timeout_s)
+
+
+def _any_rank(flag: bool, topo: Topology) -> bool:
+    """True on every rank if `flag` is True on any rank."""
+    if topo.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=topo.device if topo.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _loss_tokens(micros: list[dict[str, torch.Tensor]], topo: Topology) -> float:
+    """Loss-bearing tokens of the whole global batch (every microbatch of every dp rank)."""
+    local = sum(float(mb["loss_mask"].sum()) if "loss_mask" in mb else float(mb["labels"].numel()) for mb in micros)
+    t = torch.tensor([local], dtype=torch.float64, device=topo.device if topo.device.type == "cuda" else "cpu")
+    all_reduce(t, topo.dp_group)
+    return float(t.item())
+
+
+def _prepare(micros: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str, torch.Tensor]]:
+    if cfg.data.doc_masking:
+        return micros
+    return [{k: v for k, v in mb.items() if k != "doc_ids"} for mb in micros]
+
+
+class Trainer:
+    """Holds the parts of one rank's run; `train()` is the usual entry point."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.topo = make_topology(cfg)
+        self.derived = derive(cfg, self.topo.world)
+        self.run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(cfg)
+        self.is_logger = self.topo.rank == 0
+        t, p = cfg.train, cfg.parallel
+        torch.manual_seed(t.seed)
+        self.dtype = parse_dtype(t.dtype)
+        self.rng = RNGStreams(t.seed, self.topo)
+        self.model = build_stage(
+            cfg.model, self.topo, split=p.pp_split, sequence_parallel=p.sequence_parallel, rng=self.rng,
+            device=self.topo.device, dtype=self.dtype,
+        )
+        self.model.init_weights(t.seed)
+        opt_cfg = OptimizerConfig.from_section(cfg.optim)
+        opt_cfg.on_nonfinite = "skip" if t.nonfinite == "skip" else "auto"
+        precision = MixedPrecisionConfig(
+            dtype=t.dtype, initial_scale=cfg.optim.loss_scale, growth_interval=cfg.optim.loss_scale_window,
+            min_scale=cfg.optim.min_loss_scale,
+        )
+        self.optimizer = DistributedOptimizer(self.model, self.topo, opt_cfg.validate(), precision.validate())
+        o = cfg.optim
+        self.schedule = LRSchedule(o.lr, o.min_lr, o.warmup_steps, t.steps, o.schedule, o.decay_fraction)
+        self.act_shape = activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden, self.topo.tp, p.sequence_parallel)
+        self.step = 0
+        self.data = build_data(cfg, self.topo, consumed_samples=0)
+        self.flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * self.derived.tokens_per_step
+        self.peak_tflops, self.peak_source = self._peak()
+        self.best_val: float | None = None
+        self.evals_without_improvement = 0
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.resumed_from: Path | None = None
+
+    # --- checkpoints ----------------------------------------------------------------------
+    @property
+    def checkpointing(self) -> bool:
+        return self.cfg.checkpoint.interval >= 0
+
+    def save(self) -> Path:
+        state = {
+            "consumed_samples": self.data.train.consumed_samples,
+            "scheduler": self.schedule.state_dict(),
+            "loss_scaler": self.optimizer.scaler.state_dict(),
+            "early_stopping": {"best_val": self.best_val, "evals_without_improvement": self.evals_without_improvement},
+            "seed": self.cfg.train.seed,
+            "tokenizer": self.data.tokenizer_path,
+            "config": self.cfg.to_dict(),
+        }
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.topo, self.model, self.optimizer, self.rng, state,
+                                    keep=self.cfg.checkpoint.keep)
+        self.log(f"step {self.step}: checkpoint saved to {path}")
+        return path
+
+    def resume(self, required: bool) -> bool:
+        """Continue from the newest verified checkpoint of the run dir, if there is one.
+
+        Rank 0 verifies checksums (falling back past a corrupt checkpoint) and every rank
+        loads the one it chose, so all ranks resume from the same step.
+        """
+        chosen = -1
+        if self.is_logger:
+            found = ckpt.latest_valid(self.ckpt_root)
+            chosen = ckpt._step_of(found) if found is not None else -1
+        if self.topo.world > 1:
+            t = torch.tensor([chosen], dtype=torch.long, device=self.topo.device if self.topo.device.type == "cuda" else "cpu")
+            dist.broadcast(t, src=0)
+            chosen = int(t.item())
+        if chosen < 0:
+            if required:
+                raise UserError(f"--resume was given but {str(self.ckpt_root)!r} holds no complete, verified checkpoint")
+            return False
+        path = self.ckpt_root / ckpt.step_dir_name(chosen)
+        meta = ckpt.read_meta(path)
+        saved_model = meta["config"]["model"]
+        for key, value in self.cfg.model.to_dict().items():
+            if saved_model.get(key) != value:
+                raise UserError(
+                    f"checkpoint {path.name} was saved with model.{key}={saved_model.get(key)!r}, "
+                    f"but this run has model.{key}={value!r}"
+                )
+        if meta["consumed_samples"] % self.cfg.train.global_batch_size != 0:
+            raise UserError(
+                f"checkpoint {path.name} consumed {meta['consumed_samples']} samples, not a multiple of "
+                f"train.global_batch_size={self.cfg.train.global_batch_size}"
+            )
+        ckpt.load_model(path, self.model)
+        ckpt.load_optimizer(path, self.optimizer)
+        lay = meta["layout"]
+        same = (lay["tp"], lay["pp"], lay["dp"]) == (self.topo.tp, self.topo.pp, self.topo.dp)
+        ckpt.load_rng(path, self.topo, self.rng, same_layout=same)
+        self.schedule.load_state_dict(meta["scheduler"])
+        self.optimizer.scaler.load_state_dict(meta["loss_scaler"])
+        self.data.train.load_state_dict({"consumed_samples": meta["consumed_samples"]})
+        es = meta.get("early_stopping", {})
+        self.best_val, self.evals_without_improvement = es.get("best_val"), es.get("evals_without_improvement", 0)
+        self.step = int(meta["step"])
+        self.resumed_from = path
+        where = "" if same else f" (saved at tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}, resharded)"
+        self.log(f"resumed from {path} at step {self.step}{where}")
+        return True
+
+    # --- set-up helpers -----------------------------------------------------------------
+    def _peak(self) -> tuple[float, str]:
+        """Peak TFLOP/s of one device for MFU, and where the figure came from."""
+        if self.cfg.log.peak_tflops > 0:
+            return self.cfg.log.peak_tflops, "config"
+        declared = declared_peak_tflops(self.topo.device, self.cfg.train.dtype)
+        if declared is not None:
+            return declared, "table"
+        compute_dtype = torch.float32 if self.topo.device.type == "cpu" else self.dtype
+        # each rank measures alone on its share of the cores, so measure with one thread
+        return measured_peak_tflops(self.topo.device, compute_dtype), "measured matmul"
+
+    def log(self, text: str) -> None:
+        if self.is_logger:
+            print(text, flush=True)
+
+    def write_resolved_config(self) -> None:
+        if not self.is_logger:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {
+            **self.cfg.to_dict(),
+            "derived": {
+                "world": self.topo.world,
+                "dp": self.derived.dp,
+                "microbatches_per_step": self.derived.microbatches,
+                "tokens_per_step": self.derived.tokens_per_step,
+                "parameters": self.cfg.model.num_parameters(),
+                "flops_per_step": self.flops_per_step,
+                "peak_tflops_per_device": self.peak_tflops,
+                "peak_source": self.peak_source,
+            },
+        }
+        text = json.dumps(resolved, indent=2)
+        tmp = self.run_dir / "config.json.tmp"
+        tmp.write_text(text + "\n")
+        os.replace(tmp, self.run_dir / "config.json")
+        print("resolved config:\n" + text, flush=True)
+
+    # --- one step -----------------------------------------------------------------------
+    def train_step(self, micros: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        cfg, topo, opt = self.cfg, self.topo, self.optimizer
+        micros = _prepare(micros, cfg)
+        divisor = _loss_tokens(micros, topo)
+        opt.zero_grad()
+        opt.set_lr(self.schedule.current)
+        result = run_pipeline(
+            self.model, topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
+            schedule=cfg.parallel.pp_schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
+            label_smoothing=cfg.train.label_smoothing, loss_scale=opt.loss_scale,
+        )
+        lr = self.schedule.current
+        try:
+            step = opt.step()
+        except NonFiniteGradientError:
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: the loss is {result.loss} and the gradients hold inf/NaN in "
+                f"{cfg.train.dtype}; lower optim.lr, or set train.nonfinite=skip to skip such steps"
+            ) from None
+        if not math.isfinite(result.loss) and step.stepped and cfg.train.nonfinite == "stop":
+            raise NonFiniteLossError(f"step {self.step + 1}: the loss is {result.loss}; set train.nonfinite=skip to skip")
+        if step.stepped:
+            self.schedule.advance()
+        return {"loss": result.loss, "lr": lr, "grad_norm": step.grad_norm, "stepped": step.stepped,
+                "loss_scale": step.loss_scale, "clip_coef": step.clip_coef}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean per-token loss over `eval.iters` global batches of the validation split."""
+        if self.data.valid is None:
+            return None
+        self.model.eval()
+        total, tokens = 0.0, 0.0
+        it = iter(self.data.valid)
+        for _ in range(max(1, self.cfg.eval.iters)):
+            micros = _prepare(next(it), self.cfg)
+            divisor = _loss_tokens(micros, self.topo)
+            res = run_pipeline(self.model, self.topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
+                               forward_only=True)
+            total += res.loss * divisor
+            tokens += divisor
+        self.model.train()
+        return total / tokens
+
+    # --- the loop -----------------------------------------------------------------------
+    def fit(self) -> TrainSummary:
+        cfg, topo = self.cfg, self.topo
+        self.write_resolved_config()
+        metrics = MetricsWriter(self.run_dir, enabled=self.is_logger, tensorboard=cfg.log.tensorboard)
+        stop = StopSignal()
+        stop.install()
+        bar = None
+        if self.is_logger:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                       dynamic_ncols=True, disable=None)
+        losses: list[float] = []
+        stopped_by, val_loss = "steps", None
+        start = time.perf_counter()
+        it = iter(self.data.train)
+        self.model.train()
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                micros = next(it)
+                out = self.train_step(micros)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                losses.append(out["loss"])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{self.derived.tokens_per_step / dt:,.0f}")
+                if self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
+                    metrics.write(self._record(out, dt))
+                interval = cfg.checkpoint.interval
+                if interval > 0 and self.step % interval == 0 and self.step < cfg.train.steps:
+                    self.save()
+                if cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0 and self.step < cfg.train.steps:
+                    val_loss = self._validate(metrics)
+                    if self._early_stop():
+                        stopped_by = "early_stopping"
+                        break
+                budget = cfg.train.time_budget_s
+                over_budget = budget > 0 and time.perf_counter() - start >= budget
+                if _any_rank(stop.received is not None or over_budget, topo):
+                    stopped_by = "signal" if _any_rank(stop.received is not None, topo) else "time_budget"
+                    break
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
+        if stopped_by != "signal":
+            val_loss = self._validate(metrics)
+        if self.checkpointing and self.step > 0:
+            self.save()
+        metrics.close()
+        final = losses[-1] if losses else None
+        self.log(
+            f"done: {self.step} steps ({stopped_by}), final loss {final if final is None else round(final, 4)}, "
+            f"validation loss {val_loss if val_loss is None else round(val_loss, 4)}, "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+        return TrainSummary(steps=self.step, final_loss=final, val_loss=val_loss, stopped_by=stopped_by,
+                            run_dir=str(self.run_dir), losses=losses)
+
+    def _validate(self, metrics: MetricsWriter) -> float | None:
+        val = self.evaluate()
+        if val is None:
+            return None
+        ppl = math.exp(val) if val < 50 else float("inf")
+        metrics.write({"step": self.step, "val_loss": val, "val_ppl": ppl})
+        self.log(f"step {self.step}: validation loss {val:.4f}, perplexity {ppl:.2f}")
+        if self.best_val is None or val < self.best_val:
+            self.best_val, self.evals_without_improvement = val, 0
+        else:
+            self.evals_without_improvement += 1
+        return val
+
+    def _early_stop(self) -> bool:
+        patience = self.cfg.eval.patience
+        return patience > 0 and self.evals_without_improvement >= patience
+
+    def _record(self, out: dict[str, Any], dt: float) -> dict[str, Any]:
+        topo = self.topo
+        achieved = self.flops_per_step / dt / topo.world / 1e12  # model TFLOP/s per device
+        mem = self.optimizer.memory()
+        record = {
+            "step": self.step,
+            "loss": out["loss"],
+            "lr": out["lr"],
+            "grad_norm": out["grad_norm"],
+            "clip_coef": out["clip_coef"],
+            "stepped": out["stepped"],
+            "loss_scale": out["loss_scale"],
+            "tokens_per_s": self.derived.tokens_per_step / dt,
+            "step_time_s": dt,
+            "tflops": achieved,
+            "mfu": achieved / self.peak_tflops,
+            "consumed_samples": self.data.train.consumed_samples,
+            "param_bytes": mem.get("param_bytes"),
+            "grad_bytes": mem.get("grad_bytes"),
+            "optimizer_bytes": mem.get("optimizer_bytes"),
+        }
+        if topo.device.type == "cuda":
+            record["max_allocated_bytes"] = torch.cuda.max_memory_allocated(topo.device)
+        return record
+
+    def close(self) -> None:
+        if _launched() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> TrainSummary:
+    """Run a whole training job on this rank (one process of torchrun, or the only one).
+
+    A run dir that already holds a checkpoint is resumed automatically (so a job restarted
+    by torchrun's --max-restarts continues); `resume=True` additionally requires one.
+    """
+    trainer = Trainer(cfg, run_dir)
+    try:
+        trainer.resume(required=resume)
+        return trainer.fit()
+    finally:
+        trainer.close()
