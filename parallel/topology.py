@@ -212,12 +212,18 @@ class Topology:
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            # Under torchrun's restarts (--max-restarts) every attempt talks to the agent's
+            # same store; keys left by the killed attempt would send a rank to a dead
+            # peer's address, so each attempt gets its own key space.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(
                 backend=backend_for(dev),
-                init_method="env://",
+                store=dist.PrefixStore(f"trident/attempt_{attempt}", store),
                 rank=rank,
                 world_size=world,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=timeout,
             )
         return cls._with_groups(layout, dev, timeout_s)
 

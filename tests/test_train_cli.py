@@ -19,36 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "demo.yaml"
-TINY = [
-    "model.n_layers=2", "model.hidden=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=32", "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8",
-    "eval.iters=1", "eval.interval=5", "log.interval=1", "checkpoint.interval=-1", "optim.warmup_steps=2",
-    "data.vocab_size=512", "model.vocab_size=512",
-]
-TIMEOUT = 420
-
-
-def trident(*args: str, timeout: float = TIMEOUT, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-m", "trident", *args], capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"trident {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """The stdlib corpus, tokenizer and dataset, prepared once by a one-step run."""
-    work = tmp_path_factory.mktemp("trident-data")
-    trident("train", "--config", str(CONFIG), "--run-dir", str(work / "prep"), *TINY, "train.steps=1",
-            f"data.work_dir={work}")
-    return work
+from cli_helpers import CONFIG, TIMEOUT, TINY, losses, trident
 
 
 @pytest.fixture(scope="session")

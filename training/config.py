@@ -51,6 +51,9 @@ class TrainSection:
     """Compile the transformer blocks with torch.compile."""
     time_budget_s: float = 0.0
     """Stop cleanly (with a checkpoint) after this many seconds of training; 0 = no limit."""
+    exit_interval: int = 0
+    """Stop cleanly (with a checkpoint) when the step count is divisible by this; 0 = never
+    (Megatron's --exit-interval: split a run into jobs without changing its schedule)."""
     nonfinite: str = "stop"
     """On a non-finite loss or gradient in fp32/bf16: stop with an error, or skip the step."""
     label_smoothing: float = 0.0

@@ -348,6 +348,9 @@ class Trainer:
                     if self._early_stop():
                         stopped_by = "early_stopping"
                         break
+                if cfg.train.exit_interval > 0 and self.step % cfg.train.exit_interval == 0 and self.step < cfg.train.steps:
+                    stopped_by = "exit_interval"
+                    break
                 budget = cfg.train.time_budget_s
                 over_budget = budget > 0 and time.perf_counter() - start >= budget
                 if _any_rank(stop.received is not None or over_budget, topo):
@@ -357,7 +360,7 @@ class Trainer:
             stop.restore()
             if bar is not None:
                 bar.close()
-        if stopped_by != "signal":
+        if stopped_by not in ("signal", "exit_interval"):
             val_loss = self._validate(metrics)
         if self.checkpointing and self.step > 0:
             self.save()

@@ -1,0 +1,117 @@
+"""Checkpoints: exact resume, resume at another layout, corruption, crash safety, SIGKILL.
+
+All through `trident train` on the stdlib corpus with the tiny config of test_train_cli.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cli_helpers import CONFIG, TINY, losses, trident
+
+STEPS = ["train.steps=8", "eval.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted")
+    trident("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, *STEPS, f"data.work_dir={data_dir}")
+    return run
+
+
+def _interrupted_at_4(data_dir: Path, run: Path, *layout: str) -> None:
+    """Train to step 4 of 8 (checkpoints at 2 and 4), then stop as a job split would."""
+    trident("train", "--config", str(CONFIG), "--run-dir", str(run), *layout, *TINY, *STEPS, "train.exit_interval=4",
+            "checkpoint.interval=2", f"data.work_dir={data_dir}")
+
+
+def test_resume_is_bitwise_identical(data_dir, uninterrupted, tmp_path):
+    _interrupted_at_4(data_dir, tmp_path)
+    first = losses(tmp_path)
+    trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), "--resume", *TINY, *STEPS, f"data.work_dir={data_dir}")
+    assert first + losses(tmp_path)[4:] == losses(uninterrupted)  # exact float equality, data order included
+    assert len(losses(tmp_path)) == 8
+
+
+def test_resume_at_another_layout_and_zero_stage(data_dir, uninterrupted, tmp_path):
+    # saved at tp=1 pp=2 dp=1 zero 1 ...
+    _interrupted_at_4(data_dir, tmp_path, "--nproc", "2", "--pp", "2", "optim.zero=1")
+    meta = json.loads((tmp_path / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    assert meta["layout"] == {"tp": 1, "pp": 2, "dp": 1, "world": 2, "zero": 1}
+    # ... continued at tp=2 pp=1 dp=2 zero 2
+    proc = trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), "--nproc", "4", "--tp", "2",
+                   *TINY, *STEPS, "optim.zero=2", f"data.work_dir={data_dir}")
+    assert "resharded" in proc.stdout
+    got, ref = losses(tmp_path), losses(uninterrupted)
+    assert len(got) == 8
+    for step, (a, b) in enumerate(zip(got, ref), start=1):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} vs uninterrupted {b}"
+
+
+def test_corrupt_latest_falls_back_to_the_previous_checkpoint(data_dir, uninterrupted, tmp_path):
+    _interrupted_at_4(data_dir, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    victim = ckpts / "step_0000004" / "model_pp0_tp0.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0xFF  # flip bits in a tensor
+    victim.write_bytes(bytes(data))
+    inspect = trident("checkpoint", "inspect", str(ckpts / "step_0000004"), check=False)
+    assert inspect.returncode == 2
+    assert f"checkpoint file '{victim}' fails its sha256 check" in inspect.stderr
+    proc = trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *TINY, *STEPS, f"data.work_dir={data_dir}")
+    assert "step_0000004 is unusable" in proc.stdout and "falling back" in proc.stdout
+    assert "resumed from" in proc.stdout and "step_0000002 at step 2" in proc.stdout
+    # steps 3-4 were re-run from the step-2 checkpoint, and the run ends where it should
+    assert losses(tmp_path)[-4:] == losses(uninterrupted)[-4:]
+
+
+def test_crash_while_saving_leaves_latest_complete(data_dir, tmp_path):
+    _interrupted_at_4(data_dir, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    # a crash mid-save leaves a partial step_N.tmp folder and latest untouched
+    partial = ckpts / "step_0000006.tmp"
+    partial.mkdir()
+    (partial / "model_pp0_tp0.safetensors").write_bytes(b"half")
+    assert json.loads((ckpts / "latest").read_text())["step"] == 4
+    out = trident("checkpoint", "inspect", str(ckpts)).stdout
+    assert "step 4, consumed samples 32" in out and "sha256 verified" in out
+    assert "embedding.weight" in out and "layers.1.mlp.fc.gate.weight" in out
+    # the next run resumes from step 4 and a later save clears the stale folder
+    trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *TINY, *STEPS, "train.steps=6",
+            "checkpoint.interval=0", f"data.work_dir={data_dir}")
+    assert json.loads((ckpts / "latest").read_text())["step"] == 6 and not partial.exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000004", "step_0000006"]
+
+
+def test_sigkill_of_a_rank_restarts_from_the_latest_checkpoint(data_dir, uninterrupted, tmp_path):
+    """torchrun-style restarts: a rank killed with SIGKILL brings the job back from the
+    newest checkpoint and it ends with the uninterrupted run's final loss."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "trident", "train", "--config", str(CONFIG), "--run-dir", str(tmp_path),
+           "--nproc", "2", "--max-restarts", "2", *TINY, *STEPS, "checkpoint.interval=2", f"data.work_dir={data_dir}"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not latest.exists():
+        time.sleep(0.1)
+    assert latest.exists(), "no checkpoint was written"
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "trident" in " ".join(p.cmdline())]
+    assert ranks, "no rank processes found"
+    ranks[-1].send_signal(signal.SIGKILL)
+    out, err = launcher.communicate(timeout=400)
+    assert launcher.returncode == 0, err[-4000:]
+    assert "resumed from" in out
+    got = losses(tmp_path)
+    assert got[-1] == pytest.approx(losses(uninterrupted)[-1], rel=1e-5)
+    assert json.loads(latest.read_text())["step"] == 8
+    shutil.rmtree(tmp_path / "checkpoints")
