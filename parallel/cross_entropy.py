@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from trident.parallel.mappings import all_reduce
+from trident.parallel.topology import group_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -83,4 +85,10 @@ def vocab_parallel_cross_entropy(
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if group_size(group) == 1:
+        # one rank holds the whole vocabulary: torch's fused log-softmax kernel is the same
+        # math (its label smoothing is the same mix of nll and mean -log p) and faster
+        z = logits[..., :vocab_size].float()  # [..., vocab]
+        loss = F.cross_entropy(z.flatten(0, -2), target.flatten(), reduction="none", label_smoothing=label_smoothing)
+        return loss.view(target.shape)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, vocab_size, group, label_smoothing)

@@ -43,14 +43,23 @@ def test_resume_is_bitwise_identical(data_dir, uninterrupted, tmp_path):
     assert len(losses(tmp_path)) == 8
 
 
-def test_resume_at_another_layout_and_zero_stage(data_dir, uninterrupted, tmp_path):
-    # saved at tp=1 pp=2 dp=1 zero 1 ...
-    _interrupted_at_4(data_dir, tmp_path, "--nproc", "2", "--pp", "2", "optim.zero=1")
+def _layout_args(tp: int, pp: int, dp: int, zero: int) -> list[str]:
+    world = tp * pp * dp
+    return (["--nproc", str(world)] if world > 1 else []) + ["--tp", str(tp), "--pp", str(pp), f"optim.zero={zero}"]
+
+
+@pytest.mark.parametrize(
+    "saved, resumed",
+    [((2, 2, 2, 1), (1, 1, 1, 0)), ((1, 1, 1, 0), (2, 2, 2, 2)), ((2, 1, 2, 1), (1, 2, 1, 0))],
+    ids=["222z1-to-111", "111-to-222z2", "212z1-to-121z0"],
+)
+def test_resume_at_another_layout_and_zero_stage(data_dir, uninterrupted, tmp_path, saved, resumed):
+    _interrupted_at_4(data_dir, tmp_path, *_layout_args(*saved))
     meta = json.loads((tmp_path / "checkpoints" / "step_0000004" / "meta.json").read_text())
-    assert meta["layout"] == {"tp": 1, "pp": 2, "dp": 1, "world": 2, "zero": 1}
-    # ... continued at tp=2 pp=1 dp=2 zero 2
-    proc = trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), "--nproc", "4", "--tp", "2",
-                   *TINY, *STEPS, "optim.zero=2", f"data.work_dir={data_dir}")
+    tp, pp, dp, zero = saved
+    assert meta["layout"] == {"tp": tp, "pp": pp, "dp": dp, "world": tp * pp * dp, "zero": zero}
+    proc = trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *_layout_args(*resumed),
+                   *TINY, *STEPS, f"data.work_dir={data_dir}")
     assert "resharded" in proc.stdout
     got, ref = losses(tmp_path), losses(uninterrupted)
     assert len(got) == 8

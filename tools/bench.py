@@ -12,6 +12,8 @@ BENCHES: dict[str, str] = {
     "data": "trident.tools.bench_data",
     "pipeline": "trident.tools.bench_pipeline",
     "zero": "trident.tools.bench_zero",
+    "checkpoint": "trident.tools.bench_checkpoint",
+    "train": "trident.tools.bench_train",
 }
 
 

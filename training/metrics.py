@@ -69,6 +69,21 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float3
     return 2.0 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
+def device_peak_tflops(device: torch.device, dtype: str, configured: float = 0.0) -> tuple[float, str]:
+    """Peak TFLOP/s of one device for MFU, and where the figure came from.
+
+    `configured` (``log.peak_tflops``) wins; then the declared table; then a measured
+    matmul in the compute dtype (fp32 on a CPU, whose bf16 matmuls are emulated).
+    """
+    if configured > 0:
+        return configured, "config"
+    declared = declared_peak_tflops(device, dtype)
+    if declared is not None:
+        return declared, "table"
+    compute = torch.float32 if device.type == "cpu" else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    return measured_peak_tflops(device, compute), "measured matmul"
+
+
 class MetricsWriter:
     """Appends one JSON object per record to RUN_DIR/metrics.jsonl (rank 0 only), and
     mirrors scalars to TensorBoard when asked and installed."""

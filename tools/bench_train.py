@@ -1,0 +1,271 @@
+"""`trident bench train`: tokens/s, TFLOP/s and MFU of a training step, next to plain PyTorch.
+
+It builds the model and optimizer exactly as `trident train` does (`training.build`) at
+the layout asked for, feeds synthetic token batches of the config's shape (no data
+pipeline, so only the step is timed: pipeline schedule, tensor/data-parallel
+communication, clipping, AdamW, ZeRO all-gathers), and reports the median step over the
+timed steps. Then the same global batch goes through a plain single-process PyTorch model
+of the same architecture (`model.reference`: separate projections, dense head,
+`torch.optim.AdamW`, autocast for bf16/fp16) and the throughput ratio is printed.
+
+At (1, 1, 1) the two models' steps are interleaved (one trident step, one reference
+step, ...), so a noisy shared machine slows both alike and the ratio is measured side by
+side. With several ranks, the ranks run first and the reference runs afterwards in the
+launching process.
+
+TFLOP/s counts model FLOPs per device (`training.metrics.flops_per_token`: 6N plus
+attention, no recomputation); MFU divides by the device's declared peak, or by a measured
+matmul rate on a CPU (labelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="step time, tokens/s, TFLOP/s and MFU at a layout, and the ratio to plain PyTorch",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML config (configs/...); defaults apply when omitted")
+    p.add_argument("--tp", type=int, default=None)
+    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--nproc", type=int, default=None, help="start this many local ranks (outside torchrun)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    p.add_argument("--report", default=None, help=argparse.SUPPRESS)  # rank 0 -> launcher hand-off
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trident.errors import UserError
+    from trident.tools.launch import launch_local, under_launcher
+    from trident.tools.train import overrides_from_args
+    from trident.training.config import derive, load_config
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    cfg = load_config(args.config, overrides_from_args(args))
+    if under_launcher():
+        _rank_main(cfg, args)
+        return 0
+    world = args.nproc or 1
+    derive(cfg, world)
+    if world == 1:
+        trident, reference = _measure_single(cfg, args)
+        _print(cfg, world, trident, reference, args)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="trident-bench-train-") as tmp:
+        report = Path(tmp) / "rank0.json"
+        argv = [a for a in args.argv if not a.startswith("--report")] + [f"--report={report}"]
+        if launch_local(world, argv) != 0:
+            return 1
+        trident = json.loads(report.read_text())
+    reference = None if args.no_reference else _measure_reference_alone(cfg, args)
+    _print(cfg, world, trident, reference, args)
+    return 0
+
+
+# --- the trident step -------------------------------------------------------------------
+class _TridentStep:
+    """One training step of this rank on synthetic tokens, built as `trident train` builds it."""
+
+    def __init__(self, cfg, topo) -> None:
+        import torch
+
+        from trident.parallel.p2p import activation_shape
+        from trident.parallel.random import RNGStreams
+        from trident.training.build import build_model, build_optimizer, build_schedule
+        from trident.training.config import derive
+
+        self.cfg, self.topo = cfg, topo
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg, topo, RNGStreams(cfg.train.seed, topo))
+        self.optimizer = build_optimizer(cfg, self.model, topo)
+        self.schedule = build_schedule(cfg)
+        derived = derive(cfg, topo.world)
+        t, s = cfg.train, cfg.data.seq_len
+        self.act_shape = activation_shape(t.micro_batch_size, s, cfg.model.hidden, topo.tp, cfg.parallel.sequence_parallel)
+        self.micros = synthetic_batch(cfg, derived.microbatches, seed=t.seed + topo.dp_rank)
+        self.divisor = float(t.global_batch_size * s)
+
+    def __call__(self) -> float:
+        from trident.training.pipeline import run_pipeline
+
+        opt = self.optimizer
+        opt.zero_grad()
+        opt.set_lr(self.schedule.current)
+        result = run_pipeline(
+            self.model, self.topo, self.micros, act_shape=self.act_shape, loss_divisor=self.divisor,
+            schedule=self.cfg.parallel.pp_schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
+            loss_scale=opt.loss_scale,
+        )
+        if opt.step().stepped:
+            self.schedule.advance()
+        return result.loss
+
+
+def synthetic_batch(cfg, microbatches: int, seed: int) -> list[dict]:
+    """`microbatches` batches of uniformly random tokens, labels the next token."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    b, s, v = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    out = []
+    for _ in range(microbatches):
+        seq = torch.randint(0, v, (b, s + 1), generator=g)
+        out.append({"tokens": seq[:, :-1].contiguous(), "labels": seq[:, 1:].contiguous()})
+    return out
+
+
+# --- the plain reference ----------------------------------------------------------------
+class _ReferenceStep:
+    """The same global batch through `model.reference.ReferenceGPT` and torch's AdamW."""
+
+    def __init__(self, cfg, device) -> None:
+        import torch
+
+        from trident.model.reference import ReferenceGPT
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.train.seed)
+        self.model = ReferenceGPT(cfg.model).to(device)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
+        n = cfg.train.global_batch_size // cfg.train.micro_batch_size
+        self.micros = [{k: v.to(device) for k, v in mb.items()} for mb in synthetic_batch(cfg, n, cfg.train.seed)]
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
+
+    def __call__(self) -> float:
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in self.micros:
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                loss = self.model(mb["tokens"], mb["labels"]) / len(self.micros)
+            loss.backward()
+            total += loss.detach()
+        if self.cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        return float(total)
+
+
+# --- timing -----------------------------------------------------------------------------
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _figures(cfg, times: list[float], world: int, peak: tuple[float, str]) -> dict:
+    from trident.training.metrics import flops_per_token
+
+    dt = statistics.median(times)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    tflops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / dt / world / 1e12
+    return {"step_s": dt, "tokens_per_s": tokens / dt, "tflops": tflops, "mfu": tflops / peak[0],
+            "peak_tflops": peak[0], "peak_source": peak[1], "steps": len(times)}
+
+
+def _measure_single(cfg, args) -> tuple[dict, dict | None]:
+    """Both steps in this process, interleaved."""
+    from trident.training.metrics import device_peak_tflops
+    from trident.training.trainer import make_topology
+
+    topo = make_topology(cfg)
+    peak = device_peak_tflops(topo.device, cfg.train.dtype, cfg.log.peak_tflops)
+    mine = _TridentStep(cfg, topo)
+    ref = None if args.no_reference else _ReferenceStep(cfg, topo.device)
+    for _ in range(args.warmup):
+        mine()
+        if ref is not None:
+            ref()
+    t_mine, t_ref = [], []
+    for _ in range(args.steps):
+        t_mine.append(_timed(mine, topo.device))
+        if ref is not None:
+            t_ref.append(_timed(ref, topo.device))
+    return _figures(cfg, t_mine, 1, peak), (None if ref is None else _figures(cfg, t_ref, 1, peak))
+
+
+def _rank_main(cfg, args) -> None:
+    """One rank of a multi-rank benchmark; rank 0 writes the figures for the launcher."""
+    import torch.distributed as dist
+
+    from trident.training.metrics import device_peak_tflops
+    from trident.training.trainer import make_topology
+
+    topo = make_topology(cfg)
+    try:
+        peak = device_peak_tflops(topo.device, cfg.train.dtype, cfg.log.peak_tflops)
+        mine = _TridentStep(cfg, topo)
+        for _ in range(args.warmup):
+            mine()
+        times = []
+        for _ in range(args.steps):
+            dist.barrier()
+            times.append(_timed(mine, topo.device))
+        if topo.rank == 0 and args.report:
+            Path(args.report).write_text(json.dumps(_figures(cfg, times, topo.world, peak)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure_reference_alone(cfg, args) -> dict:
+    import torch
+
+    from trident.training.metrics import device_peak_tflops
+
+    device = torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
+    ref = _ReferenceStep(cfg, device)
+    for _ in range(args.warmup):
+        ref()
+    times = [_timed(ref, device) for _ in range(args.steps)]
+    return _figures(cfg, times, 1, device_peak_tflops(device, cfg.train.dtype, cfg.log.peak_tflops))
+
+
+def _print(cfg, world: int, mine: dict, ref: dict | None, args) -> None:
+    import torch
+
+    from trident.training.config import derive
+
+    p, t = cfg.parallel, cfg.train
+    dp = derive(cfg, world).dp
+    device = torch.cuda.get_device_name() if t.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"trident bench train: {args.config or 'default config'}, {cfg.model.num_parameters() / 1e6:.2f}M parameters, "
+          f"{t.dtype}, {device}")
+    print(f"  layout tp={p.tp} pp={p.pp} dp={dp} (world {world}), zero {cfg.optim.zero}, recompute "
+          f"{getattr(t, 'recompute', 'none')}, compile {t.compile}; global batch {t.global_batch_size} x "
+          f"{cfg.data.seq_len} tokens, micro batch {t.micro_batch_size}; median of {mine['steps']} steps "
+          f"after {args.warmup} warm-up")
+    print(f"  {'':<34}{'step s':>9}{'tokens/s':>12}{'TFLOP/s/dev':>13}{'MFU':>8}")
+    rows = [("trident", mine)] + ([("plain PyTorch reference (1 proc)", ref)] if ref else [])
+    for name, r in rows:
+        print(f"  {name:<34}{r['step_s']:>9.4f}{r['tokens_per_s']:>12.0f}{r['tflops']:>13.4f}{r['mfu']:>8.1%}")
+    print(f"  peak {mine['peak_tflops']:.3f} TFLOP/s per device ({mine['peak_source']})")
+    if ref:
+        print(f"  trident / reference throughput: {mine['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
+    sys.stdout.flush()
