@@ -13,6 +13,7 @@ leave a peer waiting in a collective.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,13 +35,13 @@ from trident.parallel.stages import stage_layers
 from trident.parallel.topology import Topology
 from trident.training import checkpoint as ckpt
 from trident.training.clip import NonFiniteGradientError
+from trident.training.build import build_model, build_optimizer, build_schedule
 from trident.training.config import Config, derive
 from trident.training.data_setup import build_data
-from trident.training.lr_schedule import LRSchedule
-from trident.training.metrics import MetricsWriter, declared_peak_tflops, flops_per_token, measured_peak_tflops
-from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
-from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-from trident.training.pipeline import build_stage, run_pipeline
+from trident.training.memory import ActivationMeter, memory_record, rank_memory
+from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token
+from trident.training.mixed_precision import parse_dtype
+from trident.training.pipeline import run_pipeline
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,22 +134,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.dtype = parse_dtype(t.dtype)
         self.rng = RNGStreams(t.seed, self.topo)
-        self.model = build_stage(
-            cfg.model, self.topo, split=p.pp_split, sequence_parallel=p.sequence_parallel, rng=self.rng,
-            device=self.topo.device, dtype=self.dtype,
-        )
-        self.model.init_weights(t.seed)
-        opt_cfg = OptimizerConfig.from_section(cfg.optim)
-        opt_cfg.on_nonfinite = "skip" if t.nonfinite == "skip" else "auto"
-        precision = MixedPrecisionConfig(
-            dtype=t.dtype, initial_scale=cfg.optim.loss_scale, growth_interval=cfg.optim.loss_scale_window,
-            min_scale=cfg.optim.min_loss_scale,
-        )
-        self.optimizer = DistributedOptimizer(self.model, self.topo, opt_cfg.validate(), precision.validate())
-        o = cfg.optim
-        self.schedule = LRSchedule(o.lr, o.min_lr, o.warmup_steps, t.steps, o.schedule, o.decay_fraction)
+        self.model = build_model(cfg, self.topo, self.rng)
+        self.optimizer = build_optimizer(cfg, self.model, self.topo)
+        self.schedule = build_schedule(cfg)
         self.act_shape = activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden, self.topo.tp, p.sequence_parallel)
         self.step = 0
+        self.activation_peak: tuple[int, str] | None = None  # (bytes, how measured) of the last metered step
         self.data = build_data(cfg, self.topo, consumed_samples=0)
         self.flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * self.derived.tokens_per_step
         self.peak_tflops, self.peak_source = self._peak()
@@ -228,14 +219,7 @@ class Trainer:
     # --- set-up helpers -----------------------------------------------------------------
     def _peak(self) -> tuple[float, str]:
         """Peak TFLOP/s of one device for MFU, and where the figure came from."""
-        if self.cfg.log.peak_tflops > 0:
-            return self.cfg.log.peak_tflops, "config"
-        declared = declared_peak_tflops(self.topo.device, self.cfg.train.dtype)
-        if declared is not None:
-            return declared, "table"
-        compute_dtype = torch.float32 if self.topo.device.type == "cpu" else self.dtype
-        # each rank measures alone on its share of the cores, so measure with one thread
-        return measured_peak_tflops(self.topo.device, compute_dtype), "measured matmul"
+        return device_peak_tflops(self.topo.device, self.cfg.train.dtype, self.cfg.log.peak_tflops)
 
     def log(self, text: str) -> None:
         if self.is_logger:
@@ -265,17 +249,22 @@ class Trainer:
         print("resolved config:\n" + text, flush=True)
 
     # --- one step -----------------------------------------------------------------------
-    def train_step(self, micros: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def train_step(self, micros: list[dict[str, torch.Tensor]], measure: bool = False) -> dict[str, Any]:
+        """One optimizer step; `measure` also meters its peak activation memory (for the
+        steps that are logged: the meter's hooks cost time on every saved tensor)."""
         cfg, topo, opt = self.cfg, self.topo, self.optimizer
         micros = _prepare(micros, cfg)
         divisor = _loss_tokens(micros, topo)
         opt.zero_grad()
         opt.set_lr(self.schedule.current)
-        result = run_pipeline(
-            self.model, topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
-            schedule=cfg.parallel.pp_schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
-            label_smoothing=cfg.train.label_smoothing, loss_scale=opt.loss_scale,
-        )
+        meter = ActivationMeter(self.model) if measure else None
+        with meter if meter is not None else contextlib.nullcontext():
+            result = run_pipeline(
+                self.model, topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
+                schedule=cfg.parallel.pp_schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
+                label_smoothing=cfg.train.label_smoothing, loss_scale=opt.loss_scale,
+            )
+        self.activation_peak = (meter.peak_bytes, meter.source) if meter is not None else None
         lr = self.schedule.current
         try:
             step = opt.step()
@@ -331,7 +320,8 @@ class Trainer:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 micros = next(it)
-                out = self.train_step(micros)
+                logged = (self.step + 1) % cfg.log.interval == 0 or self.step + 1 == cfg.train.steps
+                out = self.train_step(micros, measure=logged)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 losses.append(out["loss"])
@@ -414,6 +404,8 @@ class Trainer:
         }
         if topo.device.type == "cuda":
             record["max_allocated_bytes"] = torch.cuda.max_memory_allocated(topo.device)
+        act_bytes, act_source = self.activation_peak or (0, "none")
+        record.update(memory_record(rank_memory(self.model, self.optimizer, act_bytes, act_source), topo))
         return record
 
     def close(self) -> None:
