@@ -90,10 +90,23 @@ def gather_events(timeline: Timeline, group: dist.ProcessGroup | None = None) ->
     dist.barrier(group=group)
     sync = time.perf_counter()
     mine = [asdict(e) | {"start": e.start - sync, "end": e.end - sync} for e in timeline.events]
-    everyone: list[list[dict] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    events = [Event(**e) for part in everyone for e in (part or [])]
+    events = [Event(**e) for part in _all_gather_json(mine, group) for e in part]
     return _shift(events, 0.0)
+
+
+def _all_gather_json(obj: list[dict], group: dist.ProcessGroup | None) -> list[list[dict]]:
+    """Every rank's `obj`, sent as UTF-8 JSON in byte tensors (all_gather_object would pickle)."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(dev)
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=dev), group=group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=dev)
+    padded[: data.numel()] = data
+    parts = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return [json.loads(p[: int(n.item())].cpu().numpy().tobytes()) for p, n in zip(parts, sizes)]
 
 
 def _shift(events: list[Event], origin: float) -> list[Event]:
