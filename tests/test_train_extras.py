@@ -112,3 +112,16 @@ def test_early_stopping_on_a_validation_loss_that_does_not_improve(data_dir, tmp
     assert expected is not None and expected < 10, vals
     assert f"done: {expected} steps (early_stopping)" in proc.stdout
     assert vals[-1][0] == expected  # no evaluation after the stop, and no extra final one
+
+
+def test_tensorboard_events_mirror_the_metrics_file(data_dir, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="the tensorboard extra is not installed")
+    trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *TINY, "train.steps=3",
+            "log.tensorboard=true", "checkpoint.interval=-1", f"data.work_dir={data_dir}")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records if "loss" in r]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"} <= set(acc.Tags()["scalars"])

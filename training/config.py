@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import textwrap
 import types
@@ -46,7 +47,9 @@ class TrainSection:
     device: str = "cpu"
     """cpu or cuda (NCCL is used for cuda, gloo for cpu)."""
     recompute: str = "none"
-    """Activation recomputation: none | selective | full."""
+    """Activation recomputation, FLOPs traded for memory: none | selective (rebuild each
+    attention core -- QK-norm, RoPE, softmax, dropout -- in backward; keep the qkv output) |
+    full (keep only each block's input, rebuild the block). `trident plan` shows the saving."""
     compile: bool = False
     """Compile the transformer blocks with torch.compile."""
     time_budget_s: float = 0.0
@@ -325,6 +328,11 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
     if cfg.data.weights is not None and (cfg.data.prefix is None or len(cfg.data.weights) != len(cfg.data.prefix)):
         raise UserError("data.weights needs one weight per entry of data.prefix")
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "log.tensorboard is true but the tensorboard package is not installed; "
+            "pip install 'trident[tensorboard]' or set log.tensorboard=false"
+        )
     return cfg
 
 
