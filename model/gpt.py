@@ -30,8 +30,17 @@ from trident.parallel.layers import (
 )
 from trident.parallel.mappings import gather_from_tp, scatter_to_sp
 from trident.parallel.random import REPLICATED, TP, RNGStreams
+from trident.parallel.recompute import checkpoint
 from trident.parallel.sharding import Piece, init_parameters, set_pieces
 from trident.parallel.topology import Topology
+
+
+# Activation recomputation in training (`trident.parallel.recompute`): none keeps every
+# activation; selective rebuilds each attention core (QK-norm, RoPE, QK^T, softmax,
+# dropout, .V) in backward and keeps only the qkv output; full keeps only each block's
+# input and rebuilds the whole block. Dropout masks replay exactly (the RNG streams are
+# restored for the recomputation), so the step is the same in every mode.
+RECOMPUTE = ("none", "selective", "full")
 
 
 # --- norms ---------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ class AttentionInputs:
 
     cos: torch.Tensor | None  # [b, 1, s, head_dim] (RoPE)
     sin: torch.Tensor | None
-    mask: torch.Tensor | None  # bool [b, 1, s, s_kv] or additive float [b, heads/tp, s, s_kv]; None = causal
+    mask: torch.Tensor | None  # additive [b or 1, 1 or heads/tp, s, s_kv]; None = causal
     start_pos: int = 0  # tokens already in the KV cache
 
 
@@ -151,10 +160,14 @@ class Attention(nn.Module):
     tp/kv ranks whose query heads use it, and its gradient is summed over those ranks.
     """
 
-    def __init__(self, cfg: ModelConfig, topo: Topology, layer: int, sp: bool, rng: RNGStreams | None, device, dtype):
+    def __init__(
+        self, cfg: ModelConfig, topo: Topology, layer: int, sp: bool, rng: RNGStreams | None, device, dtype,
+        recompute_core: bool = False,
+    ):
         super().__init__()
         tp, r, hd = topo.tp, topo.tp_rank, cfg.head_dim
         self.layer, self.rng, self.head_dim = layer, rng, hd
+        self.recompute_core = recompute_core  # selective recomputation: rebuild the core in backward
         self.heads = cfg.n_heads // tp
         replicas = 1
         if cfg.kv_heads % tp == 0:
@@ -184,12 +197,40 @@ class Attention(nn.Module):
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [b, heads/tp, s, hd]
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, kv/tp, s, hd]
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.recompute_core and self.training and cache is None:
+            # q, k, v are views of one tensor, so only `qkv` (and the shared tables) is kept
+            out = checkpoint(self.core, q, k, v, att.cos, att.sin, att.mask, rng=self.rng)
+        else:
+            out = self.core(q, k, v, att.cos, att.sin, att.mask, cache, att.start_pos)  # [b, s, heads/tp * hd]
+        return self.proj(out)
+
+    def core(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """QK-norm, RoPE, then softmax(QK^T / sqrt(d) + mask) with dropout, times V.
+
+        Everything between the qkv and the output projection: the part that selective
+        recomputation rebuilds in backward. It costs few FLOPs (no weight matmul) but
+        holds most of a layer's saved tensors (normed and rotated q and k, repeated k and
+        v, the attention output and statistics, or the s x s probabilities and dropout
+        mask on the unfused path), while its inputs are views of one tensor.
+        """
+        # q: [b, heads/tp, s, hd]; k, v: [b, kv/tp, s, hd]; cos, sin: [b, 1, s, hd]  ->  [b, s, heads/tp * hd]
+        b, _, s, _ = q.shape
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if att.cos is not None:
-            q, k = apply_rope(q, att.cos, att.sin), apply_rope(k, att.cos, att.sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, att.start_pos)  # [b, kv/tp, s_kv, hd]
+            k, v = cache.update(self.layer, k, v, start_pos)  # [b, kv/tp, s_kv, hd]
         if self.kv_heads != self.heads:
             group = self.heads // self.kv_heads
             k = k.repeat_interleave(group, dim=1)  # [b, heads/tp, s_kv, hd]
@@ -197,10 +238,9 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         with self.rng.fork(TP) if (p > 0 and self.rng is not None) else _nullcontext():
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=att.mask, dropout_p=p, is_causal=att.mask is None
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None
             )  # [b, heads/tp, s, hd]
-        out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)  # [b, s, heads/tp * hd]
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)  # [b, s, heads/tp * hd]
 
 
 class _nullcontext:
@@ -239,16 +279,34 @@ class MLP(nn.Module):
 
 # --- block ---------------------------------------------------------------------------------
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, topo: Topology, layer: int, sp: bool, rng: RNGStreams | None, device, dtype):
+    def __init__(
+        self, cfg: ModelConfig, topo: Topology, layer: int, sp: bool, rng: RNGStreams | None, device, dtype,
+        recompute: str = "none",
+    ):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
+        self.recompute_full = recompute == "full"  # full recomputation: rebuild the whole block
+        self.rng = rng
         self.norm1 = make_norm(cfg, cfg.hidden, sp, device, dtype)
-        self.attn = Attention(cfg, topo, layer, sp, rng, device, dtype)
+        self.attn = Attention(cfg, topo, layer, sp, rng, device, dtype, recompute_core=recompute == "selective")
         self.norm2 = make_norm(cfg, cfg.hidden, sp, device, dtype)
         self.mlp = MLP(cfg, topo, sp, device, dtype)
         self.dropout = _HiddenDropout(cfg.dropout, rng, sp)
 
     def forward(self, x: torch.Tensor, att: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
+        # x: [b, s(/tp), hidden]  ->  same
+        if self.recompute_full and self.training and cache is None:
+            # keep only the block input (and the tables every layer shares); rebuild the rest
+            return checkpoint(self._checkpointed, x, att.cos, att.sin, att.mask, rng=self.rng)
+        return self._forward(x, att, cache)
+
+    def _checkpointed(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # every activation is an argument, as `checkpoint` requires (training: no cache, start 0)
+        return self._forward(x, AttentionInputs(cos, sin, mask))
+
+    def _forward(self, x: torch.Tensor, att: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
         # x: [b, s(/tp), hidden]  ->  same
         if self.pre_norm:
             x = x + self.dropout(self.attn(self.norm1(x), att, cache))
@@ -283,6 +341,9 @@ class GPT(nn.Module):
     hidden state ``[b, s(/tp), hidden]`` elsewhere. It returns the hidden state on every
     stage but the last, which returns this rank's vocabulary slice of the logits
     ``[b, s, padded_vocab/tp]``, or the per-token loss ``[b, s]`` when `labels` are given.
+
+    `recompute` (none | selective | full, see `RECOMPUTE`) applies in training mode with
+    gradients on; evaluation and decoding with a KV cache never recompute.
     """
 
     def __init__(
@@ -296,9 +357,13 @@ class GPT(nn.Module):
         rng: RNGStreams | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        recompute: str = "none",
     ) -> None:
         super().__init__()
         cfg.check_tp(topo.tp)
+        if recompute not in RECOMPUTE:
+            raise UserError(f"recompute is {recompute!r}; valid values are {', '.join(RECOMPUTE)}")
+        self.recompute = recompute
         self.cfg, self.topo, self.rng = cfg, topo, rng
         self.layer_range = layers if layers is not None else range(cfg.n_layers)
         self.first_stage, self.last_stage = first_stage, last_stage
@@ -321,7 +386,7 @@ class GPT(nn.Module):
                 mark_tp_partial_grad(self.pos_embedding)
         self.emb_dropout = _HiddenDropout(cfg.dropout, rng, self.sp)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, topo, i, self.sp, rng, device, dtype) for i in self.layer_range}
+            {str(i): TransformerBlock(cfg, topo, i, self.sp, rng, device, dtype, recompute) for i in self.layer_range}
         )
         if last_stage:
             self.final_norm = make_norm(cfg, cfg.hidden, self.sp, **kw)
@@ -347,9 +412,15 @@ class GPT(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def attention_inputs(
-        self, batch: int, seq: int, doc_ids: torch.Tensor | None, start_pos: int, device: torch.device
+        self, batch: int, seq: int, doc_ids: torch.Tensor | None, start_pos: int, device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[AttentionInputs, torch.Tensor]:
-        """Positions, RoPE tables and the attention mask for a [batch, seq] chunk."""
+        """Positions, RoPE tables and the attention mask for a [batch, seq] chunk.
+
+        The mask is additive, in the compute `dtype`: SDPA would otherwise turn a bool mask
+        into an additive one inside every layer, and every layer's attention would save
+        its own [b, 1, s, s] copy for backward; made once here, they all save this one.
+        """
         q_abs = torch.arange(start_pos, start_pos + seq, device=device)
         k_abs = torch.arange(0, start_pos + seq, device=device)
         if doc_ids is not None:
@@ -366,6 +437,8 @@ class GPT(nn.Module):
                 distance = (q_abs.unsqueeze(1) - k_abs.unsqueeze(0)).float()  # [s, s_kv]
                 bias = -self.alibi.view(-1, 1, 1) * distance  # [heads/tp, s, s_kv]
                 mask = bias.unsqueeze(0).masked_fill(~mask, float("-inf"))  # [b or 1, heads/tp, s, s_kv]
+            else:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
         cos = sin = None
         if self.cfg.position == "rope":
             cos = self.rope_cos[positions].unsqueeze(1)  # [b, 1, s, hd]
@@ -404,7 +477,8 @@ class GPT(nn.Module):
         seq = inputs.shape[1] * (self.topo.tp if (self.sp and not self.first_stage) else 1)
         start_pos = cache.length if cache is not None else 0
         self._check_inputs(inputs, seq, start_pos, cache)
-        att, positions = self.attention_inputs(b, seq, doc_ids, start_pos, inputs.device)
+        dtype = next(self.parameters()).dtype
+        att, positions = self.attention_inputs(b, seq, doc_ids, start_pos, inputs.device, dtype)
 
         if self.first_stage:
             x = self.embedding(inputs)  # [b, s(/tp), hidden]

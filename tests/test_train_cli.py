@@ -45,8 +45,14 @@ def test_metrics_file_and_resolved_config(reference_run):
     records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops", "mfu",
-                "param_bytes", "grad_bytes", "optimizer_bytes"):
+                "param_bytes", "grad_bytes", "optimizer_bytes", "mem_params_bytes", "mem_grads_bytes",
+                "mem_optim_bytes", "mem_activation_peak_bytes", "mem_total_bytes", "mem_max_total_bytes"):
         assert all(key in r for r in train), key
+    # every logged step is metered: a real activation peak, and the parts add up
+    for r in train:
+        parts = r["mem_params_bytes"] + r["mem_grads_bytes"] + r["mem_optim_bytes"] + r["mem_activation_peak_bytes"]
+        assert r["mem_activation_peak_bytes"] > 0 and r["mem_total_bytes"] == parts == r["mem_rank_total_bytes"][0]
+        assert r["mem_params_bytes"] == r["param_bytes"] and r["mem_activation_source"] == "saved-tensors"
     assert [r["step"] for r in train] == list(range(1, 11))
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [5, 10] and all(r["val_ppl"] > 1 for r in val)

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "trident.tools.demo",
     "plot": "trident.tools.plot",
     "checkpoint": "trident.tools.checkpoint_cmd",
+    "plan": "trident.tools.plan",
     "bench": "trident.tools.bench",
     "preprocess": "trident.tools.preprocess",
     "tokenizer": "trident.tools.tokenizer_cmd",

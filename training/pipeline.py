@@ -87,10 +87,12 @@ def build_stage(
     rng: RNGStreams | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
 ) -> GPT:
     """This rank's stage of the model (uninitialised: call ``init_weights(seed)``).
 
     `split` is an explicit number of layers per stage; by default layers are balanced.
+    `recompute` is the activation recomputation mode (`trident.model.gpt.RECOMPUTE`).
     Bad splits raise the same `UserError` on every rank, before any transfer.
     """
     ranges = stage_layers(cfg.n_layers, topo.pp, split)
@@ -104,6 +106,7 @@ def build_stage(
         rng=rng,
         device=device,
         dtype=dtype,
+        recompute=recompute,
     )
     mark_tied_embedding(model, topo)
     return model

@@ -1,0 +1,134 @@
+"""`trident plan --config FILE [--tp --pp --dp --zero --recompute --micro-batch-size --seq-len]
+[--device H100] [--device-memory 80GB] [--devices N] [section.key=value ...]`
+
+Predicts, without building the model, each pipeline stage's memory per rank (parameters,
+gradients, optimizer state, peak activations under 1F1B), the step's FLOPs, the bytes each
+rank sends per step in its tp, pp and dp groups, and a step time from the device's
+declared peaks. With `--devices N` it lists every layout of N devices that fits the device
+memory, best predicted throughput first (fixing any of --tp/--pp/--dp/--recompute given).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="predict memory per rank, FLOPs, communication and speed of a layout (or find layouts that fit)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML config (see configs/); defaults apply when omitted")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: parallel.tp)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: parallel.pp)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel size (default: parallel.dp, else 1)")
+    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0, 1 or 2 (default: optim.zero)")
+    p.add_argument("--recompute", default=None, help="none | selective | full (default: train.recompute)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: train.micro_batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
+    p.add_argument("--device", default="H100", help="declared device figures to use: H100, H200, A100, cpu")
+    p.add_argument("--device-memory", default=None, help="memory of one device, e.g. 80GB or 80GiB (default: the device's)")
+    p.add_argument("--devices", type=int, default=None, help="list the layouts of this many devices that fit")
+    p.add_argument("--top", type=int, default=20, help="with --devices: show at most this many layouts")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.dtype=bf16")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trident.training.config import load_config
+    from trident.training.planner import get_device, make_plan, parse_bytes, search, settings_from_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    device = get_device(args.device)
+    memory = parse_bytes(args.device_memory) if args.device_memory is not None else device.memory_bytes
+    base = settings_from_config(
+        cfg, tp=args.tp, pp=args.pp, dp=args.dp, zero=args.zero, recompute=args.recompute,
+        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+    )
+    if args.devices is None:
+        plan = make_plan(cfg.model, base, device)
+        print(format_plan(plan, memory, args.config))
+        return 0
+    fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp}
+    plans = search(cfg.model, base, args.devices, memory, device, fixed, recompute_fixed=args.recompute is not None)
+    print(format_search(plans, args.devices, memory, device.name, args.top))
+    return 0 if plans else 1
+
+
+def _unit(largest: float) -> tuple[str, float]:
+    """The unit a table of byte counts reads best in: GB, MB or kB."""
+    for name, size in (("GB", 1e9), ("MB", 1e6)):
+        if largest >= size:
+            return name, size
+    return "kB", 1e3
+
+
+def format_plan(plan, memory: int, source: str | None = None) -> str:
+    """The per-stage memory table, FLOPs, bytes per group and the predicted step."""
+    from trident.training.planner import format_bytes
+
+    st, dev = plan.settings, plan.device
+    m = st.microbatches
+    lines = [
+        f"trident plan: {source or 'default config'}, {st.dtype}, on {dev.name} ({format_bytes(memory)} each)",
+        f"layout tp={st.tp} pp={st.pp} dp={st.dp} ({st.world} devices)"
+        f"{', sequence parallel' if st.sp else ''}, ZeRO-{st.zero}, recompute {st.recompute}",
+        f"batch {st.global_batch_size} x {st.seq_len} tokens: {m} microbatches of {st.micro_batch_size} per pipeline "
+        f"({st.schedule})",
+    ]
+    unit, size = _unit(plan.peak_bytes)
+    lines += [
+        "",
+        f"memory per rank ({unit})",
+        f"{'stage':>5} {'layers':>8} {'in-flight':>9} {'params':>8} {'grads':>8} {'optim':>8} "
+        f"{'activ.':>8} {'buffers':>8} {'peak':>8}  fits",
+    ]
+    for s in plan.stages:
+        layers = f"{s.layers.start}-{s.layers.stop - 1}"
+        cells = (s.param_bytes, s.state.grad_peak_bytes, s.optimizer_bytes, s.activation_bytes,
+                 s.activations.pipeline_buffer, s.peak_bytes)
+        lines.append(
+            f"{s.stage:>5} {layers:>8} {s.activations.in_flight:>9} "
+            + " ".join(f"{n / size:>8.2f}" for n in cells)
+            + f"  {'yes' if s.peak_bytes <= memory else 'NO'}"
+        )
+    if st.zero == 2:
+        lines.append("(grads: the full fp32 buffer held during backward; between steps only the 1/dp shard)")
+    world = st.world
+    lines += [
+        "",
+        f"FLOPs per step: {plan.model_flops:.3e} model, {plan.hardware_flops:.3e} with recomputation "
+        f"({plan.hardware_flops / world:.3e} per device)",
+        "bytes sent per device per step: "
+        + ", ".join(f"{group} {format_bytes(n)}" for group, n in plan.comm_bytes.items()),
+        f"predicted step {plan.step_time_s:.3f} s (pipeline {plan.breakdown['pipeline']:.3f} s of which bubble "
+        f"{plan.breakdown['bubble']:.3f} s, dp exposed {plan.breakdown['dp_exposed']:.3f} s, optimizer "
+        f"{plan.breakdown['optimizer']:.3f} s): {plan.tokens_per_s:,.0f} tokens/s, MFU {100 * plan.mfu:.1f}% "
+        f"at {dev.peak_tflops(st.dtype):g} TFLOP/s {st.dtype} per device",
+    ]
+    return "\n".join(lines)
+
+
+def format_search(plans, devices: int, memory: int, device: str, top: int) -> str:
+    """Layouts that fit, best predicted throughput first."""
+    from trident.training.planner import format_bytes
+
+    if not plans:
+        return (f"no layout of {devices} x {device} fits {format_bytes(memory)} per device; try more devices, "
+                f"a smaller micro batch, recompute=full or ZeRO-1/2")
+    unit, size = _unit(max(p.peak_bytes for p in plans))
+    lines = [
+        f"layouts of {devices} x {device} that fit {format_bytes(memory)} per device, fastest first "
+        f"(showing {min(top, len(plans))} of {len(plans)})",
+        f"{'tp':>3} {'pp':>3} {'dp':>3} {'sp':>3} {'zero':>4} {'recompute':>9} {'peak ' + unit:>8} {'tokens/s':>12} "
+        f"{'MFU':>6} {'step s':>8}",
+    ]
+    for p in plans[:top]:
+        st = p.settings
+        lines.append(
+            f"{st.tp:>3} {st.pp:>3} {st.dp:>3} {'on' if st.sp else '-':>3} {st.zero:>4} {st.recompute:>9} "
+            f"{p.peak_bytes / size:>8.2f} {p.tokens_per_s:>12,.0f} {100 * p.mfu:>5.1f}% {p.step_time_s:>8.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,371 @@
+"""Bytes one rank will hold, from the config alone: the arithmetic behind `trident plan`.
+
+Nothing here allocates a model. Two parts, each written to agree with the code it predicts:
+
+* **Persistent state.** The parameter list of a pipeline stage at a tp size (the same
+  local shapes and order as `trident.model.gpt.GPT`), packed into gradient buckets the
+  way `trident.training.grad_buffer.GradBuffer` packs them (reverse order, deferred
+  tp-partial / tied parameters last, each bucket padded to a multiple of dp * 16), then
+  priced as `DistributedOptimizer.memory()` prices them: parameters in the model dtype,
+  fp32 gradients (only the owned 1/dp shard kept between steps at ZeRO-2), exp_avg and
+  exp_avg_sq (+ an fp32 master when the model is not fp32) for the owned shard.
+
+* **Activations.** What autograd saves for backward, tensor by tensor (counted by
+  storage, as `trident.training.memory.ActivationMeter` counts), for one microbatch,
+  then the peak of a step under the pipeline schedule: stage r of a 1F1B pipeline holds
+  ``k = min(pp - r, m)`` microbatches at once (GPipe: all m), so its peak is
+  ``(k - 1) * A + peak(one microbatch)``, where the one microbatch being back-propagated
+  may briefly hold more than A: the layer (full) or attention core (selective) that
+  recomputation rebuilds, while what backward already passed has been freed.
+
+  Per layer, without recomputation, the saved tensors are: each norm's fp32 input, its
+  normalised fp32 output and statistics; the input of every matmul (qkv, attention
+  projection, MLP in and out; under sequence parallelism the all-gathered full sequence);
+  the attention core's q, k, v (after QK-norm, RoPE and the GQA repeat), output and
+  log-sum-exp on a fused (flash / memory-efficient) kernel, or q, k, v and three s x s
+  tensors (probabilities, dropout mask, dropped probabilities) on the unfused one; the
+  MLP's intermediate tensors; one dropout mask per residual branch. Selective
+  recomputation keeps the qkv output instead of the core's tensors; full keeps only the
+  block input. Per microbatch: RoPE tables, the additive attention mask (documents or
+  ALiBi), the embedding's indices, and on the last stage the final norm, the head input
+  and the cross-entropy's fp32 softmax over this rank's vocabulary slice.
+
+  Device matters in two places: CPU dropout keeps its mask in the compute dtype (CUDA a
+  bool), and CPU SDPA falls back to the unfused kernel when attention dropout is on.
+
+Not counted (as the meter does not count them): temporaries that live within one op,
+gradients in flight during backward, communication buffers, and the stage inputs and
+outputs the pipeline executor holds (reported separately as `pipeline_buffer_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from trident.model.config import ModelConfig
+from trident.parallel.layers import padded_vocab_size
+from trident.parallel.stages import stage_layers
+
+ALIGN = 16  # elements; trident.training.grad_buffer.ALIGN
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# --- parameters and the optimizer -------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    numel: int
+    deferred: bool  # reduced after finalisation (tp-partial or pipeline-tied): its own buckets
+
+
+def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int, sequence_parallel: bool = False,
+                 split: Sequence[int] | None = None) -> list[ParamSpec]:
+    """This stage's trainable parameters on one tp rank, in `GPT.named_parameters()` order."""
+    layers = stage_layers(cfg.n_layers, pp, split)[stage]
+    first, last = stage == 0, stage == pp - 1
+    sp = sequence_parallel and tp > 1
+    h, hd = cfg.hidden, cfg.head_dim
+    heads = cfg.n_heads // tp
+    kv = cfg.kv_heads // tp if cfg.kv_heads % tp == 0 else 1
+    f = cfg.ffn // tp
+    vocab = padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple, tp) // tp
+    tied = cfg.tie_embeddings and pp > 1
+    out: list[ParamSpec] = []
+
+    def add(name: str, numel: int, partial: bool = False, is_tied: bool = False) -> None:
+        out.append(ParamSpec(name, numel, (partial and tp > 1) or is_tied))
+
+    def norm(prefix: str, dim: int, partial: bool) -> None:
+        add(f"{prefix}.weight", dim, partial)
+        if cfg.norm == "layernorm" and cfg.bias:
+            add(f"{prefix}.bias", dim, partial)
+
+    if first or (last and cfg.tie_embeddings):
+        add("embedding.weight", vocab * h, is_tied=tied)
+    if first and cfg.position == "learned":
+        add("pos_embedding", cfg.max_seq_len * h, partial=sp)
+    for i in layers:
+        p = f"layers.{i}"
+        norm(f"{p}.norm1", h, sp)
+        qkv = (heads + 2 * kv) * hd
+        add(f"{p}.attn.qkv.weight", qkv * h)
+        if cfg.bias:
+            add(f"{p}.attn.qkv.bias", qkv)
+        add(f"{p}.attn.proj.weight", h * (h // tp))
+        if cfg.bias:
+            add(f"{p}.attn.proj.bias", h, partial=sp)
+        if cfg.qk_norm:
+            norm(f"{p}.attn.q_norm", hd, True)
+            norm(f"{p}.attn.k_norm", hd, True)
+        norm(f"{p}.norm2", h, sp)
+        fc = 2 * f if cfg.activation == "swiglu" else f
+        add(f"{p}.mlp.fc.weight", fc * h)
+        if cfg.bias:
+            add(f"{p}.mlp.fc.bias", fc)
+        add(f"{p}.mlp.proj.weight", h * f)
+        if cfg.bias:
+            add(f"{p}.mlp.proj.bias", h, partial=sp)
+    if last:
+        norm("final_norm", h, sp)
+        if not cfg.tie_embeddings:
+            add("head.weight", vocab * h)
+    return out
+
+
+def bucket_sizes(params: Sequence[ParamSpec], dp: int, bucket_size: int) -> list[tuple[int, int]]:
+    """(padded numel, used numel) of each gradient bucket, as `GradBuffer` forms them."""
+    order = list(reversed(params))
+    buckets: list[tuple[int, int]] = []
+    multiple = dp * ALIGN
+    for group in ([p for p in order if not p.deferred], [p for p in order if p.deferred]):
+        used = 0
+        for p in group:
+            used += p.numel
+            if used >= bucket_size:
+                buckets.append((-(-used // multiple) * multiple, used))
+                used = 0
+        if used:
+            buckets.append((-(-used // multiple) * multiple, used))
+    return buckets
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """The persistent bytes of one rank; the keys of `DistributedOptimizer.memory()`."""
+
+    param_bytes: int
+    grad_bytes: int  # kept between steps
+    grad_peak_bytes: int  # during backward (ZeRO-2 frees the full buffer only after the reduction)
+    optimizer_bytes: int
+    numel: int  # parameters (unpadded) on this rank
+    padded_numel: int
+
+
+def state_bytes(params: Sequence[ParamSpec], dp: int, zero: int, dtype: str, bucket_mb: float) -> StateBytes:
+    """Parameters, gradients and optimizer state of one rank (`DistributedOptimizer.memory`)."""
+    bucket_size = max(1, int(bucket_mb * 2**20 / 4))  # OptimizerConfig.bucket_size
+    buckets = bucket_sizes(params, dp, bucket_size)
+    padded = sum(n for n, _ in buckets)
+    shard = padded if zero == 0 else padded // dp
+    per_elem = 4 * (2 if dtype == "fp32" else 3)
+    return StateBytes(
+        param_bytes=padded * DTYPE_BYTES[dtype],
+        grad_bytes=(shard if zero == 2 else padded) * 4,
+        grad_peak_bytes=padded * 4,
+        optimizer_bytes=shard * per_elem,
+        numel=sum(p.numel for p in params),
+        padded_numel=padded,
+    )
+
+
+# --- activations ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shapes:
+    """What one microbatch's activations depend on, on one rank."""
+
+    cfg: ModelConfig
+    b: int  # micro batch size
+    s: int  # sequence length
+    tp: int
+    sp: bool  # sequence parallelism (and tp > 1)
+    dtype: str
+    device: str  # "cuda" or "cpu"
+    doc_masking: bool  # packed documents: an additive [b, 1, s, s] mask
+
+    @property
+    def e(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def sr(self) -> int:
+        """Sequence length of the residual stream on this rank (sharded under sp)."""
+        return self.s // self.tp if self.sp else self.s
+
+    @property
+    def heads(self) -> int:
+        return self.cfg.n_heads // self.tp
+
+    @property
+    def kv(self) -> int:
+        return self.cfg.kv_heads // self.tp if self.cfg.kv_heads % self.tp == 0 else 1
+
+    @property
+    def f(self) -> int:
+        return self.cfg.ffn // self.tp
+
+    @property
+    def fused_attention(self) -> bool:
+        """Flash / memory-efficient SDPA (CUDA always; CPU unless attention dropout is on)."""
+        return self.device == "cuda" or self.cfg.attention_dropout == 0.0
+
+    @property
+    def dropout_mask(self) -> int:
+        """Bytes per element of a saved dropout mask."""
+        return 1 if self.device == "cuda" else self.e
+
+
+def _norm_bytes(x: Shapes, rows: int, dim: int) -> int:
+    """A norm's saved tensors: fp32 input and (RMSNorm) normalised output, per-row statistics,
+    and fp32 copies of its weights when the model is not fp32."""
+    stats = 1 if x.cfg.norm == "rmsnorm" else 2  # rsqrt | mean, rstd
+    body = 2 if x.cfg.norm == "rmsnorm" else 1  # layer_norm keeps only its input
+    copies = 0
+    if x.e != 4:
+        copies = 4 * dim * (2 if x.cfg.norm == "layernorm" and x.cfg.bias else 1)
+    return 4 * rows * dim * body + 4 * rows * stats + copies
+
+
+def _rewritten(x: Shapes) -> tuple[bool, bool, bool]:
+    """Whether q, k, v reach SDPA as new tensors (True) or as views of the qkv output."""
+    roped = x.cfg.position == "rope" or x.cfg.qk_norm
+    repeated = x.kv != x.heads
+    return roped, roped or repeated, repeated
+
+
+def attention_core_bytes(x: Shapes) -> int:
+    """Saved by the attention core (QK-norm, RoPE, GQA repeat, SDPA) of one layer, beyond
+    the qkv output itself (`qkv_view_saved` says whether that is kept too)."""
+    c, b, s, hd, a, e = x.cfg, x.b, x.s, x.cfg.head_dim, x.heads, x.e
+    total = 0
+    if c.qk_norm:
+        for rows in (b * a * s, b * x.kv * s):
+            total += _norm_bytes(x, rows, hd) - (4 * rows * hd if e == 4 else 0)  # fp32: its input is the view
+    q_new, k_new, v_new = _rewritten(x)
+    k_heads = a if x.kv != a else x.kv
+    if x.fused_attention:
+        # q, k, v as given (views are counted with qkv), output (also the projection's
+        # input), fp32 log-sum-exp
+        total += e * b * s * hd * ((a if q_new else 0) + (k_heads if k_new else 0) + (a if v_new else 0))
+        total += e * b * s * a * hd + 4 * b * a * s
+    else:
+        # (CPU's unfused kernel computes in fp32 whatever the dtype) q * scale and k, v as
+        # batched-matmul operands (views are copied), probabilities, dropout mask, dropped
+        # probabilities; then the output's [b, s, heads*hd] copy in the model dtype
+        total += 4 * b * s * hd * (2 * a + k_heads) + 3 * 4 * b * a * s * s + e * b * s * a * hd
+    return total
+
+
+def qkv_view_saved(x: Shapes) -> bool:
+    """Does the core keep a view of the qkv output (and so its whole storage)?"""
+    if x.cfg.qk_norm and x.e == 4:
+        return True  # an fp32 norm keeps its input, the q / k view
+    return x.fused_attention and not all(_rewritten(x))
+
+
+def shared_bytes(x: Shapes, recompute: str) -> int:
+    """Per-microbatch tensors every layer shares (one storage each): RoPE tables, the mask."""
+    c, b, s = x.cfg, x.b, x.s
+    total = 0
+    if c.position == "rope":
+        total += 2 * 4 * b * s * c.head_dim
+    mask = 0
+    if c.position == "alibi":
+        mask = 4 * (b if x.doc_masking else 1) * x.heads * s * s
+    elif x.doc_masking:
+        mask = x.e * b * s * s
+    if mask and (x.fused_attention or recompute != "none"):  # kept by a fused kernel or a checkpoint
+        total += mask
+    return total
+
+
+def layer_bytes(x: Shapes, recompute: str = "none") -> dict[str, int]:
+    """One layer's saved tensors of one microbatch, by part (shared tables excluded)."""
+    c, b, s, sr, h, e, f = x.cfg, x.b, x.s, x.sr, x.cfg.hidden, x.e, x.f
+    if recompute == "full":
+        return {"block_input": e * b * sr * h}
+    parts: dict[str, int] = {}
+    parts["norms"] = 2 * _norm_bytes(x, b * sr, h)
+    parts["linear_inputs"] = 2 * e * b * s * h  # qkv and MLP inputs (all-gathered under sp)
+    if c.kv_heads % x.tp != 0:  # replicated kv heads: the concatenated qkv weight is saved
+        parts["qkv_weight_copy"] = e * (x.heads + 2 * x.kv) * c.head_dim * h
+    qkv = e * b * s * (x.heads + 2 * x.kv) * c.head_dim
+    if recompute == "selective":
+        parts["qkv"] = qkv
+        parts["attention_output"] = e * b * s * x.heads * c.head_dim
+    else:
+        parts["attention_core"] = attention_core_bytes(x)
+        if qkv_view_saved(x):
+            parts["qkv"] = qkv
+    fc = 2 * f if c.activation == "swiglu" else f
+    parts["mlp"] = e * b * s * (fc + f + (f if c.activation == "swiglu" else 0))
+    if c.dropout > 0:
+        parts["dropout_masks"] = 2 * x.dropout_mask * b * sr * h
+    return parts
+
+
+def embedding_bytes(x: Shapes) -> int:
+    """First stage: token indices and the out-of-slice mask, learned-position indices,
+    the embedding dropout mask."""
+    c, b, s = x.cfg, x.b, x.s
+    total = 8 * b * s + b * s
+    if c.position == "learned":
+        if x.sp:
+            total += 8 * b * x.sr
+        else:
+            total += 8 * (b * s if x.doc_masking else s)
+    if c.dropout > 0:
+        total += x.dropout_mask * b * x.sr * c.hidden
+    return total
+
+
+def head_bytes(x: Shapes) -> int:
+    """Last stage: final norm, head input, and the cross-entropy's fp32 (log-)softmax and
+    targets: torch's kernel over the real vocabulary at tp=1, the vocabulary-parallel one
+    over this rank's padded slice (with its target mask) otherwise."""
+    c, b, s = x.cfg, x.b, x.s
+    if x.tp == 1:
+        loss = 4 * b * s * c.vocab_size + 8 * b * s + 4
+    else:
+        vocab = padded_vocab_size(c.vocab_size, c.vocab_pad_multiple, x.tp) // x.tp
+        loss = 4 * b * s * vocab + 9 * b * s
+    return _norm_bytes(x, b * x.sr, c.hidden) + x.e * b * s * c.hidden + loss
+
+
+def input_saved_as_is(x: Shapes) -> bool:
+    """Does a layer save its input tensor itself (not a copy)? Pre-norm: the fp32 first norm
+    keeps it (a bf16 one keeps an fp32 copy); post-norm: the qkv matmul, unless sequence
+    parallelism all-gathers it first."""
+    return x.e == 4 if x.cfg.norm_position == "pre" else not x.sp
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    per_microbatch: int  # A: what one microbatch keeps from its forward to its backward
+    in_flight: int  # k: microbatches held at once by this stage
+    peak: int  # (k - 1) * A + the one microbatch's peak through its backward
+    pipeline_buffer: int  # stage inputs/outputs the executor holds (not saved by autograd)
+
+
+def stage_activation_bytes(
+    x: Shapes, n_layers: int, first: bool, last: bool, in_flight: int, recompute: str
+) -> ActivationBytes:
+    """A stage's activation peak for a step with `in_flight` microbatches held at once."""
+    layer = layer_bytes(x, recompute)
+    per_layer = sum(layer.values())
+    head = head_bytes(x) if last else 0
+    a = n_layers * per_layer + shared_bytes(x, recompute) + (embedding_bytes(x) if first else 0) + head
+    # the first backward of a microbatch walks the stage's last layer first: what it frees
+    # before the recomputation there, and what the recomputation adds
+    if recompute == "full":
+        rebuilt = sum(layer_bytes(x, "none").values())
+        if input_saved_as_is(x):
+            rebuilt -= x.e * x.b * x.sr * x.cfg.hidden  # the kept block input itself
+        during = a - head + rebuilt
+    elif recompute == "selective":
+        freed = layer["mlp"] + layer["linear_inputs"] // 2 + layer["attention_output"] + layer["norms"] // 2
+        freed += layer.get("dropout_masks", 0)
+        rebuilt = attention_core_bytes(x)
+        if not x.fused_attention:  # the output copy is the projection's, not rebuilt here
+            rebuilt -= x.e * x.b * x.s * x.heads * x.cfg.head_dim
+        during = a - head - freed + rebuilt
+    else:
+        during = a
+    one = max(a, during)
+    buffers = 0
+    if not last:
+        buffers += in_flight * x.e * x.b * x.sr * x.cfg.hidden  # outputs kept for their backward
+    if not first and not (recompute == "full" or input_saved_as_is(x)):
+        buffers += in_flight * x.e * x.b * x.sr * x.cfg.hidden  # inputs autograd keeps only as copies
+    return ActivationBytes(per_microbatch=a, in_flight=in_flight, peak=(in_flight - 1) * a + one,
+                           pipeline_buffer=buffers)
