@@ -32,13 +32,22 @@ def reference_run(data_dir, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("tp, pp, dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)])
 def test_every_layout_logs_the_same_losses(reference_run, data_dir, tmp_path, tp, pp, dp):
     world = tp * pp * dp
+    timeline = ["log.timeline=true"] if pp > 1 else []  # recording it must not change a loss
     trident("train", "--config", str(CONFIG), "--nproc", str(world), "--tp", str(tp), "--pp", str(pp),
-            "--run-dir", str(tmp_path), *TINY, "train.steps=10", f"data.work_dir={data_dir}")
+            "--run-dir", str(tmp_path), *TINY, "train.steps=10", *timeline, f"data.work_dir={data_dir}")
     ref, got = losses(reference_run), losses(tmp_path)
     assert len(ref) == len(got) == 10
     for step, (a, b) in enumerate(zip(got, ref), start=1):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} at (tp={tp}, pp={pp}, dp={dp}) vs {b} at (1,1,1)"
     assert ref[-1] < ref[0]  # and it learns
+    if timeline:
+        events = [e for e in json.loads((tmp_path / "timeline.json").read_text())["traceEvents"] if e["ph"] == "X"]
+        micro = 8 // (2 * dp)  # global batch 8, micro batch 2: microbatches per dp rank
+        for rank in range(world):  # every rank ran one forward and one backward per microbatch
+            mine = [e for e in events if e["tid"] == rank]
+            assert sorted(e["args"]["microbatch"] for e in mine if e["cat"] == "forward") == list(range(micro))
+            assert sorted(e["args"]["microbatch"] for e in mine if e["cat"] == "backward") == list(range(micro))
+        assert (tmp_path / "timeline.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_metrics_file_and_resolved_config(reference_run):

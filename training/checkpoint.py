@@ -33,7 +33,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,9 @@ from trident.parallel.random import RNGStreams
 from trident.parallel.sharding import iter_pieces, tp_replicas
 from trident.parallel.topology import Topology
 from trident.training.clip import default_exclude
+
+if TYPE_CHECKING:
+    from trident.model.config import ModelConfig
 
 FORMAT = "trident-checkpoint/1"
 LATEST = "latest"
@@ -341,3 +344,77 @@ def inspect_checkpoint(ckpt: str | Path) -> Inspection:
 
 def _dtype(name: str) -> torch.dtype:
     return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}.get(name, torch.float32)
+
+
+# --- reading a checkpoint outside training (export, generation, import) ---------------------------
+def find_checkpoint(path: str | Path) -> Path:
+    """The verified checkpoint that `path` names: a ``step_NNNNNNN`` folder itself, or the
+    newest complete one in a checkpoints folder (``latest`` first) or a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint path {str(path)!r} does not exist")
+    if (path / "meta.json").is_file():
+        verify(path)
+        return path
+    for root in (path, path / "checkpoints"):
+        if complete_checkpoints(root):
+            found = latest_valid(root)
+            if found is None:
+                raise CheckpointCorruptError(f"no checkpoint under {str(root)!r} passes its checksums")
+            return found
+    raise UserError(
+        f"{str(path)!r} is not a checkpoint: give a step_NNNNNNN folder, a checkpoints folder or a run folder"
+    )
+
+
+def full_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """Every global model tensor of a checkpoint, whole, reassembled from the slices of
+    whatever (tp, pp) layout wrote it, in the stored dtype (one process, no groups)."""
+    ckpt = Path(ckpt)
+    out: dict[str, torch.Tensor] = {}
+    for gname, entries in _model_index(ckpt).items():
+        covered = 0
+        for path, info in entries:
+            with safe_open(str(path), framework="pt") as f:
+                part = f.get_tensor(gname)
+            if gname not in out:
+                out[gname] = torch.empty(info["global_shape"], dtype=part.dtype)
+            out[gname].narrow(info["dim"], info["start"], info["length"]).copy_(part)
+            covered += info["length"]
+        if covered != out[gname].shape[entries[0][1]["dim"]]:
+            raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r} covers {covered} rows of {gname!r}, not all of it")
+    return out
+
+
+def find_tokenizer(ckpt: str | Path, meta: dict[str, Any] | None = None) -> Path | None:
+    """The tokenizer a checkpoint was trained with, or None when it cannot be found.
+
+    The run records the path it used (``tokenizer`` in meta.json, else the config's
+    ``data.tokenizer``), often relative to where training ran; so that path is tried as
+    given, then relative to the checkpoint, its checkpoints folder and its run folder,
+    and finally a ``tokenizer.model``/``tokenizer.json`` lying in one of those folders.
+    """
+    ckpt = Path(ckpt)
+    meta = meta if meta is not None else read_meta(ckpt)
+    recorded = [meta.get("tokenizer"), (meta.get("config") or {}).get("data", {}).get("tokenizer")]
+    folders = [ckpt, ckpt.parent, ckpt.parent.parent]
+    candidates: list[Path] = []
+    for name in (r for r in recorded if r):
+        p = Path(name)
+        candidates += [p] if p.is_absolute() else [p] + [folder / p for folder in folders]
+    candidates += [folder / f for folder in folders for f in ("tokenizer.model", "tokenizer.json")]
+    return next((c for c in candidates if c.exists()), None)
+
+
+def model_config(meta: dict[str, Any]) -> "ModelConfig":
+    """The `ModelConfig` a checkpoint was saved with (``config.model`` of its meta.json)."""
+    from trident.model.config import ModelConfig
+
+    saved = (meta.get("config") or {}).get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointCorruptError("meta.json records no model config (config.model)")
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise UserError(f"the checkpoint's model config has fields this trident does not know: {', '.join(unknown)}")
+    return ModelConfig(**saved).validate()

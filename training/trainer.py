@@ -42,6 +42,7 @@ from trident.training.memory import ActivationMeter, memory_record, rank_memory
 from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token
 from trident.training.mixed_precision import parse_dtype
 from trident.training.pipeline import run_pipeline
+from trident.training.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,6 +148,7 @@ class Trainer:
         self.evals_without_improvement = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resumed_from: Path | None = None
+        self.timeline_due = cfg.log.timeline
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -258,12 +260,16 @@ class Trainer:
         opt.zero_grad()
         opt.set_lr(self.schedule.current)
         meter = ActivationMeter(self.model) if measure else None
+        # log.timeline: the first logged step, on every rank alike (gathering is collective)
+        timeline = Timeline(topo.pp_rank, topo.rank, topo.device) if measure and self.timeline_due else None
         with meter if meter is not None else contextlib.nullcontext():
             result = run_pipeline(
                 self.model, topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
                 schedule=cfg.parallel.pp_schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
-                label_smoothing=cfg.train.label_smoothing, loss_scale=opt.loss_scale,
+                label_smoothing=cfg.train.label_smoothing, loss_scale=opt.loss_scale, timeline=timeline,
             )
+        if timeline is not None:
+            self._write_timeline(timeline)
         self.activation_peak = (meter.peak_bytes, meter.source) if meter is not None else None
         lr = self.schedule.current
         try:
@@ -279,6 +285,20 @@ class Trainer:
             self.schedule.advance()
         return {"loss": result.loss, "lr": lr, "grad_norm": step.grad_norm, "stepped": step.stepped,
                 "loss_scale": step.loss_scale, "clip_coef": step.clip_coef}
+
+    def _write_timeline(self, timeline: Timeline) -> None:
+        """RUN_DIR/timeline.json (chrome://tracing, Perfetto) and timeline.png (a Gantt chart)."""
+        self.timeline_due = False
+        events = gather_events(timeline)
+        if not self.is_logger:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        trace = write_chrome_trace(events, self.run_dir / "timeline.json")
+        try:
+            chart = plot_gantt(events, self.run_dir / "timeline.png", title=f"step {self.step + 1}")
+            self.log(f"pipeline timeline of step {self.step + 1}: {trace}, {chart} (idle {idle_fraction(events):.1%})")
+        except UserError as err:  # matplotlib missing: the trace alone
+            self.log(f"pipeline timeline of step {self.step + 1}: {trace} ({err})")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
