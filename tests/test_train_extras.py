@@ -125,3 +125,14 @@ def test_tensorboard_events_mirror_the_metrics_file(data_dir, tmp_path):
     logged = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records if "loss" in r]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"} <= set(acc.Tags()["scalars"])
+
+
+def test_demo_trains_checkpoints_and_prints_a_sample(data_dir, tmp_path):
+    """The README's main command, shrunk: the same path (launch, train, checkpoint, sample)."""
+    run = tmp_path / "demo"
+    proc = trident("demo", "--nproc", "2", "--tp", "1", "--pp", "2", "--run-dir", str(run), "--max-new-tokens", "8",
+                   *TINY, "train.steps=4", "checkpoint.interval=0", f"data.work_dir={data_dir}")
+    assert "on 2 local ranks (tp=1, pp=2, dp=1)" in proc.stdout
+    assert json.loads((run / "checkpoints" / "latest").read_text())["step"] == 4
+    sample = proc.stdout.split("(temperature 0.8, top-k 40):\n")[1].split("\n\nmetrics:")[0]
+    assert sample.startswith("def ") and len(sample) > len("def ")

@@ -162,7 +162,7 @@ class Trainer:
             "loss_scaler": self.optimizer.scaler.state_dict(),
             "early_stopping": {"best_val": self.best_val, "evals_without_improvement": self.evals_without_improvement},
             "seed": self.cfg.train.seed,
-            "tokenizer": self.data.tokenizer_path,
+            "tokenizer": os.path.abspath(self.data.tokenizer_path),
             "config": self.cfg.to_dict(),
         }
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.topo, self.model, self.optimizer, self.rng, state,
