@@ -125,10 +125,10 @@ class ShardNorm:
         for b in self.buffer.buckets:
             # all of main_grad, not just the norm range: at zero 0 a replica's whole
             # gradient must be checked, or an inf outside its range would go unseen
-            bad += (~torch.isfinite(b.main_grad)).sum()
+            bad += (~torch.isfinite(sum_of_squares(b.main_grad))).double()
         for g, runs in zip(self.owned_grads(), self.runs):
             for r in runs:
-                part = g[r.start : r.end].double().pow(2).sum()
+                part = sum_of_squares(g[r.start : r.end])
                 sq += part if r.weight == 1.0 else part * r.weight
         return sq, bad
 
@@ -137,6 +137,22 @@ class ShardNorm:
         values on every rank."""
         sq, bad = self.local()
         return global_norm_from_local(sq, bad, self.topo)
+
+
+def sum_of_squares(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """sum(x**2) as a float64 scalar, inf/NaN when x holds any, in one fast pass.
+
+    Upcasting the whole buffer to float64 (x.double().pow(2).sum()) costs a copy and is
+    ~30x slower on a CPU; a single fp32 norm of millions of elements loses ~1e-7. fp32
+    norms of 1024-element rows summed in float64 keep the error near 1e-10 at fp32 speed.
+    (A row's fp32 norm overflows only for gradients beyond ~1e17, which count as inf.)
+    """
+    x = x.reshape(-1)
+    if x.dtype != torch.float32:
+        x = x.float()
+    n = x.numel() // chunk * chunk
+    total = torch.linalg.vector_norm(x[:n].view(-1, chunk), dim=1).double().pow(2).sum()
+    return total + x[n:].double().pow(2).sum()
 
 
 def global_norm_from_local(sq: torch.Tensor, bad: torch.Tensor, topo: Topology) -> tuple[float, bool]:
