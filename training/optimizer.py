@@ -441,8 +441,10 @@ class DistributedOptimizer:
                         dst.copy_(src)
         meta0 = states[0]["meta"]
         self.step_count = int(meta0["step"])
+        # the lr is restored (the schedule sets it every step anyway); the weight decay stays
+        # the run's config value, so a resumed or imported run decays as its config says
         for group, saved_group in zip(self.param_groups, meta0["param_groups"]):
-            group["lr"], group["weight_decay"] = float(saved_group["lr"]), float(saved_group["weight_decay"])
+            group["lr"] = float(saved_group["lr"])
         self.scaler.load_state_dict(meta0["loss_scaler"])
         self.buffer.gather_params(self.master)
 
