@@ -10,6 +10,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
 
 from trident.model.config import ModelConfig
@@ -73,3 +74,17 @@ def write_checkpoint(model: GPT, root: Path, tokenizer: str | None, step: int = 
     path = save_checkpoint(root, step, topo, model, opt, RNGStreams(0, topo), state, keep=0)
     opt.buffer.remove_hooks()
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: starting threads costs more than their work (and the CPU is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> str:
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))

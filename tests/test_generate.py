@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import trident
-from hf_helpers import CONFIGS, tiny_model, train_tokenizer, write_checkpoint
+from hf_helpers import CONFIGS, one_thread, tiny_model, tokenizer, write_checkpoint  # noqa: F401 (fixtures)
 from trident.errors import UserError
 from trident.training.generate import (
     SamplingConfig,
@@ -39,20 +39,6 @@ def _draft_of(model, noise: float):
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * noise)
     return draft
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: starting threads costs more than their work (and the CPU is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> str:
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_helpers import CONFIGS, tiny_model, train_tokenizer, write_checkpoint
+from hf_helpers import CONFIGS, one_thread, tiny_model, tokenizer, write_checkpoint  # noqa: F401 (fixtures)
 from trident.errors import UserError
 from trident.parallel.sharding import gather_full
 from trident.training import checkpoint as ckpt
@@ -29,20 +29,6 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed; the HF ground-truth checks need it (pip install '.[test]')"
 )
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: starting threads costs more than their work (and the CPU is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> str:
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
