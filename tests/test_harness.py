@@ -44,6 +44,8 @@ def test_a_raising_rank_fails_with_every_rank_reported(dist_pool):
 
 
 def test_a_hang_times_out_with_the_stuck_stack(dist_pool):
+    # start the workers first: on a loaded machine importing torch alone can take 4 s
+    assert dist_pool.run(2, "test_harness:_sum_ranks")[1] == [1, 3.0]
     with pytest.raises(DistributedTestError) as info:
         dist_pool.run(2, "test_harness:_rank0_hangs", timeout=4)
     text = str(info.value)

@@ -220,13 +220,13 @@ def run_pipeline(
         if action.kind == "F":
             with span(timeline, str(action), "forward", mb), torch.set_grad_enabled(training):
                 # x: tokens [b, s] (first stage) or hidden [b, s(/tp), hidden]
-                x = data["tokens"].to(device) if topo.is_first_stage else inbox_act.pop(mb).requires_grad_(training)
-                labels = data["labels"].to(device) if topo.is_last_stage else None
-                doc_ids = data["doc_ids"].to(device) if "doc_ids" in data else None
+                x = data["tokens"].to(device, non_blocking=True) if topo.is_first_stage else inbox_act.pop(mb).requires_grad_(training)
+                labels = data["labels"].to(device, non_blocking=True) if topo.is_last_stage else None
+                doc_ids = data["doc_ids"].to(device, non_blocking=True) if "doc_ids" in data else None
                 y = model(x, labels=labels, doc_ids=doc_ids, **extra)
                 if topo.is_last_stage:  # y: per-token loss [b, s]
                     if "loss_mask" in data:
-                        y = y * data["loss_mask"].to(device=device, dtype=y.dtype)
+                        y = y * data["loss_mask"].to(device=device, dtype=y.dtype, non_blocking=True)
                     y = y.sum()
                     loss_sum += y.detach().float()
                     y = y * (loss_scale / loss_divisor)
