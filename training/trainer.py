@@ -148,6 +148,7 @@ class Trainer:
         self.evals_without_improvement = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resumed_from: Path | None = None
+        self.saved_step: int | None = None
         self.timeline_due = cfg.log.timeline
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -168,6 +169,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.topo, self.model, self.optimizer, self.rng, state,
                                     keep=self.cfg.checkpoint.keep)
         self.log(f"step {self.step}: checkpoint saved to {path}")
+        self.saved_step = self.step
         return path
 
     def resume(self, required: bool) -> bool:
@@ -214,6 +216,7 @@ class Trainer:
         self.best_val, self.evals_without_improvement = es.get("best_val"), es.get("evals_without_improvement", 0)
         self.step = int(meta["step"])
         self.resumed_from = path
+        self.saved_step = self.step  # nothing new to save until the next step
         where = "" if same else f" (saved at tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}, resharded)"
         self.log(f"resumed from {path} at step {self.step}{where}")
         return True
@@ -372,7 +375,7 @@ class Trainer:
                 bar.close()
         if stopped_by not in ("signal", "exit_interval"):
             val_loss = self._validate(metrics)
-        if self.checkpointing and self.step > 0:
+        if self.checkpointing and self.step > 0 and self.step != self.saved_step:
             self.save()
         metrics.close()
         final = losses[-1] if losses else None
