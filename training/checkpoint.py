@@ -20,9 +20,10 @@ then replaces ``latest`` -- so ``latest`` only ever names a complete checkpoint,
 crash at any moment leaves the previous one intact. Older checkpoints beyond `keep` are
 deleted only after that.
 
-Loading reads, for each local parameter piece, only the overlapping regions of the stored
-slices (safetensors' lazy `get_slice`), so a checkpoint saved at one (tp, pp, dp, zero)
-loads at any other.
+Loading reads, for each local parameter piece and each local optimizer entry, only the
+overlapping regions of the stored slices and entries (safetensors' lazy `get_slice`), so a
+checkpoint saved at one (tp, pp, dp, zero) loads at any other, each rank reading about its
+own share.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,17 +169,22 @@ def save_checkpoint(
             **state,
         }
         _write_json_atomic(tmp / "meta.json", meta)
-        if final.exists():  # the same step saved again (e.g. a resumed run): replace it
-            shutil.rmtree(final)
+        replaced = root / (final.name + ".replaced.tmp")  # a .tmp name: never taken as complete
+        if final.exists():  # the same step saved again: move the old copy aside, delete it last
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _write_json_atomic(root / LATEST, {"step": step, "dir": final.name})
+        shutil.rmtree(replaced, ignore_errors=True)
         _prune(root, keep)
     _barrier(topo)
     return final
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep` (never the one `latest` names)."""
+    """Delete complete checkpoints beyond the newest `keep` (never the one `latest` names),
+    and what earlier crashed saves left (`step_*.tmp`: only one save runs at a time)."""
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return
     complete = sorted(complete_checkpoints(root), key=_step_of)
@@ -292,15 +299,23 @@ def load_model(ckpt: str | Path, model: nn.Module) -> None:
 
 
 def load_optimizer(ckpt: str | Path, optimizer: Any) -> None:
-    """Load every saved rank's optimizer state; the optimizer keeps the elements it owns."""
-    states = []
-    for path in sorted(Path(ckpt).glob("optim_rank*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["meta"])
-        states.append({"tensors": load_file(str(path)), "meta": meta})
-    if not states:
+    """Load this rank's optimizer state from a checkpoint saved at any layout, reading only
+    the stored ranges that overlap the elements it owns.
+
+    Every saved rank's file is opened lazily (`safe_open`) and only its metadata is read up
+    front (which elements of which global tensor each entry holds); the optimizer then
+    reads through ``get_slice`` just the parts of the entries it needs, so a rank reads about
+    its own share of the state at any layout instead of every rank's files whole.
+    """
+    paths = sorted(Path(ckpt).glob("optim_rank*.safetensors"))
+    if not paths:
         raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r} holds no optimizer state")
-    optimizer.load_state_dict(states)
+    with ExitStack() as files:
+        states = []
+        for path in paths:
+            f = files.enter_context(safe_open(str(path), framework="pt"))
+            states.append({"tensors": f, "meta": json.loads(f.metadata()["meta"])})
+        optimizer.load_state_dict(states)
 
 
 def load_rng(ckpt: str | Path, topo: Topology, rng: RNGStreams | None, same_layout: bool) -> bool:

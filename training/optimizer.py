@@ -397,9 +397,15 @@ class DistributedOptimizer:
         suffices at the same layout; give every rank's to change layout). Collective over
         dp (the updated parameters are all-gathered), so every rank must call it.
 
+        A state's ``tensors`` is a dict of tensors or an open safetensors file (`safe_open`),
+        which is read lazily (``get_slice``): only the stored entries, and of them only the
+        element ranges, that overlap what this rank owns are read, so a resharding load
+        costs about this rank's share of the state, not every rank's files.
+
         A saved entry holding exactly the elements a local entry needs (the same layout)
-        is copied straight in; otherwise the global tensor is assembled from every saved
-        entry of it, one tensor at a time, and the local ranges are cut out of it.
+        is copied straight in; otherwise every saved entry of the same global tensor that
+        overlaps it gives the overlap, read as one contiguous range of its stored values
+        (`_overlap`).
         """
         states = [states] if isinstance(states, dict) else list(states)
         for st in states:
@@ -421,24 +427,22 @@ class DistributedOptimizer:
                     raise UserError(f"the saved optimizer state holds {gname!r} with shape {meta['global_shape']}, "
                                     f"this model's is {shape}")
             exact = {_span(meta): (meta, tensors) for meta, tensors in sources}
-            full: list[torch.Tensor] | None = None  # the assembled global tensor of each kind, and coverage
             for meta, i, off in wants:
                 hit = exact.get(_span(meta))
                 if hit is not None:
                     src_meta, tensors = hit
                     for k, kind in enumerate(KINDS):
-                        _scatter(tensors[f"{kind}/{src_meta['key']}"], self._local_runs(k, meta, i, off))
+                        _scatter(_read(tensors, f"{kind}/{src_meta['key']}"), self._local_runs(k, meta, i, off))
                     continue
-                if full is None:
-                    full = _assemble(sources, math.prod(shape))
-                if not all(bool(r.all()) for r in entry_runs(meta, full[-1])):
+                if any(src["piece"]["dim"] != meta["piece"]["dim"] for src, _ in sources):
+                    covered = self._load_assembled(meta, i, off, sources)  # sliced along another dim
+                else:
+                    covered = self._load_overlaps(meta, i, off, sources)
+                if not covered:
                     raise UserError(
                         f"the given optimizer states lack elements of {gname!r} that dp rank {self.topo.dp_rank} "
                         f"(tp {self.topo.tp_rank}, pp {self.topo.pp_rank}) owns; pass the state dicts of every saved rank"
                     )
-                for k in range(len(KINDS)):
-                    for dst, src in zip(self._local_runs(k, meta, i, off), entry_runs(meta, full[k])):
-                        dst.copy_(src)
         meta0 = states[0]["meta"]
         self.step_count = int(meta0["step"])
         # the lr is restored (the schedule sets it every step anyway); the weight decay stays
@@ -447,6 +451,46 @@ class DistributedOptimizer:
             group["lr"] = float(saved_group["lr"])
         self.scaler.load_state_dict(meta0["loss_scaler"])
         self.buffer.gather_params(self.master)
+
+    def _load_overlaps(self, meta: dict, i: int, off: int, sources: list[tuple[dict, object]]) -> bool:
+        """Fill local entry `meta` from the saved entries of its global tensor (sliced along
+        the same dim) that overlap it, reading from each only the stored range spanning the
+        overlap; returns whether every element was found. A saved entry whose overlap is
+        already filled (a tp replica, a tied copy) is not read."""
+        a, z = meta["local_range"]
+        covered = torch.zeros(z - a, dtype=torch.bool)  # over the local flat range, like the state views
+        for src, tensors in sources:
+            ov = _overlap(meta, src)
+            if ov is None:
+                continue
+            q0, q1, row, local_base, local_stride, stored_base, stored_stride = ov
+            mask = _runs(covered, local_base, local_stride, row, q0, q1)
+            if all(bool(r.all()) for r in mask):
+                continue
+            (o0, r0), (o1, r1) = divmod(q0, row), divmod(q1 - 1, row)
+            lo, hi = stored_base + o0 * stored_stride + r0, stored_base + o1 * stored_stride + r1 + 1
+            for k, kind in enumerate(KINDS):
+                values = _read(tensors, f"{kind}/{src['key']}", lo, hi)
+                if values.numel() != hi - lo:
+                    raise UserError(f"optimizer entry {src['key']!r} stores fewer values than its metadata says")
+                state = (self.master, self.exp_avg, self.exp_avg_sq)[k][i][off : off + z - a]
+                for dst, val in zip(_runs(state, local_base, local_stride, row, q0, q1),
+                                    _runs(values, stored_base - lo, stored_stride, row, q0, q1)):
+                    dst.copy_(val)
+            for r in mask:
+                r.fill_(True)
+        return all(bool(r.all()) for r in entry_runs(meta, covered, local=True))
+
+    def _load_assembled(self, meta: dict, i: int, off: int, sources: list[tuple[dict, object]]) -> bool:
+        """Fill local entry `meta` from its whole global tensor, assembled from every saved
+        entry of it (read whole): for saved pieces cut along another dim than the local one."""
+        full = _assemble(sources, math.prod(meta["global_shape"]))
+        if not all(bool(r.all()) for r in entry_runs(meta, full[-1])):
+            return False
+        for k in range(len(KINDS)):
+            for dst, src in zip(self._local_runs(k, meta, i, off), entry_runs(meta, full[k])):
+                dst.copy_(src)
+        return True
 
 
 # --- where an entry's values lie ------------------------------------------------------------
@@ -556,10 +600,69 @@ def _assemble(sources: list[tuple[dict, dict]], numel: int) -> list[torch.Tensor
     full = [torch.zeros(numel, dtype=torch.float32) for _ in KINDS] + [torch.zeros(numel, dtype=torch.bool)]
     for meta, tensors in sources:
         for k, kind in enumerate(KINDS):
-            _scatter(tensors[f"{kind}/{meta['key']}"], entry_runs(meta, full[k]))
+            _scatter(_read(tensors, f"{kind}/{meta['key']}"), entry_runs(meta, full[k]))
         for r in entry_runs(meta, full[-1]):
             r.fill_(True)
     return full
+
+
+def _read(tensors: object, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Stored values [lo, hi) of `name`, from a dict of tensors or from an open safetensors
+    file, whose lazy ``get_slice`` reads only that range."""
+    if hasattr(tensors, "get_slice"):
+        # a whole entry through get_tensor: the plain read, faster than a full slice
+        return tensors.get_tensor(name) if lo == 0 and hi is None else tensors.get_slice(name)[lo:hi]
+    return tensors[name].reshape(-1)[lo:hi]
+
+
+def _first_last(entry: dict) -> tuple[int, int]:
+    """Flat indices in the global tensor of an entry's first and last stored value."""
+    p = entry["piece"]
+    _, size, inner = _split(entry["global_shape"], p["dim"])
+    p0, p1 = _entry_range(entry)
+    row = p["length"] * inner
+
+    def at(q: int) -> int:
+        o, r = divmod(q, row)
+        return o * size * inner + p["start"] * inner + r
+
+    return at(p0), at(p1 - 1)
+
+
+def _overlap(want: dict, have: dict) -> tuple[int, ...] | None:
+    """Where the values of local entry `want` that saved entry `have` also holds lie, or None
+    when there are none. Both are sliced along the same dim of the same global tensor.
+
+    An entry holds exactly the elements of its piece's block whose global flat index lies
+    between those of its first and last value (row-major order keeps the block's order).
+    So the overlap is the elements of the intersected piece (rows of ``row`` elements)
+    between the later first and the earlier last value: the block range [q0, q1) of that
+    piece, which `_runs` finds in the local state (``local_base``, ``local_stride``) and in
+    the saved entry's stored values (``stored_base``, ``stored_stride``) alike. Returns
+    (q0, q1, row, local_base, local_stride, stored_base, stored_stride)."""
+    pw, ph = want["piece"], have["piece"]
+    dim = pw["dim"]
+    inner = _split(want["global_shape"], dim)[2]
+    _, local_size, local_inner = _split(want["local_shape"], dim)
+    for entry, entry_inner in ((want, local_inner), (have, _split(have["local_shape"], dim)[2])):
+        if entry_inner != inner:
+            raise UserError(f"optimizer entry {entry['key']!r}: local shape {entry['local_shape']} and global shape "
+                            f"{entry['global_shape']} differ beyond dim {dim}")
+    start, end = max(pw["start"], ph["start"]), min(pw["start"] + pw["length"], ph["start"] + ph["length"])
+    if start >= end:
+        return None
+    (w0, w1), (h0, h1) = _first_last(want), _first_last(have)
+    g0, g1 = max(w0, h0), min(w1, h1)
+    if g0 > g1:
+        return None
+    piece = Piece(want["global_name"], tuple(want["global_shape"]), dim, start, end - start, start)
+    q0, q1 = piece_range(tuple(want["global_shape"]), piece, g0, g1 + 1)
+    if q0 == q1:
+        return None
+    p0_have = _entry_range(have)[0]
+    return (q0, q1, (end - start) * inner,
+            (pw["local_start"] + start - pw["start"]) * inner - want["local_range"][0], local_size * inner,
+            (start - ph["start"]) * inner - p0_have, ph["length"] * inner)
 
 
 def piece_elements(local_shape: tuple[int, ...], piece: Piece, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:

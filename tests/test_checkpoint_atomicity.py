@@ -1,0 +1,86 @@
+"""A save that dies at any point leaves `latest` on a complete, verified checkpoint.
+
+The crash is injected in-process at every file-system step of `save_checkpoint` in turn
+(each tensor file, each manifest, meta.json, each rename, the `latest` file), after a
+first checkpoint exists; the previous checkpoint must still be the one found, verify,
+and load; and the next successful save must clean up what the crash left.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trident.model.config import PRESETS
+from trident.parallel.topology import Topology
+from trident.training import checkpoint as ckpt
+from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
+from trident.training.pipeline import build_stage
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _parts():
+    topo = Topology.single("cpu")
+    model = build_stage(PRESETS["tiny"], topo)
+    model.init_weights(0)
+    return topo, model, DistributedOptimizer(model, topo, OptimizerConfig(zero=1))
+
+
+def _count_steps(monkeypatch, root, topo, model, opt) -> int:
+    """How many file-system steps one save takes (files written, renames)."""
+    calls = []
+    for name in ("save_file", "_write_json_atomic"):
+        real = getattr(ckpt, name)
+        monkeypatch.setattr(ckpt, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
+    real_replace = ckpt.os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda *a, **k: (calls.append(1), real_replace(*a, **k))[1])
+    ckpt.save_checkpoint(root, 99, topo, model, opt, None, {"consumed_samples": 0})
+    monkeypatch.undo()
+    return len(calls)
+
+
+def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    topo, model, opt = _parts()
+    n_steps = _count_steps(monkeypatch, tmp_path / "probe", topo, model, opt)
+    assert n_steps >= 6  # model, optimizer and rng files, a manifest, meta.json, rename, latest
+    for crash_at in range(n_steps):
+        root = tmp_path / f"crash{crash_at}"
+        ckpt.save_checkpoint(root, 1, topo, model, opt, None, {"consumed_samples": 8})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # step 2's weights differ from step 1's
+        calls = [0]
+
+        def maybe_crash(real):
+            def wrapped(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == crash_at + 1:
+                    raise Crash(f"injected at file-system step {crash_at}")
+                return real(*args, **kwargs)
+            return wrapped
+
+        for name in ("save_file", "_write_json_atomic"):
+            monkeypatch.setattr(ckpt, name, maybe_crash(getattr(ckpt, name)))
+        monkeypatch.setattr(ckpt.os, "replace", maybe_crash(ckpt.os.replace))
+        with pytest.raises(Crash):
+            ckpt.save_checkpoint(root, 2, topo, model, opt, None, {"consumed_samples": 16})
+        monkeypatch.undo()
+
+        found = ckpt.latest_valid(root, log=False)
+        latest = json.loads((root / ckpt.LATEST).read_text())
+        if latest["step"] == 2:  # the crash came after `latest` was replaced: step 2 is complete
+            assert found is not None and found.name == "step_0000002", crash_at
+        else:
+            assert latest["step"] == 1 and found is not None and found.name == "step_0000001", crash_at
+            assert ckpt.read_meta(found)["consumed_samples"] == 8
+        # the newest usable checkpoint loads, and a later save clears what the crash left
+        ckpt.save_checkpoint(root, 3, topo, model, opt, None, {"consumed_samples": 24}, keep=1)
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"], crash_at
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(1.0)
