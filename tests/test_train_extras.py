@@ -136,3 +136,18 @@ def test_demo_trains_checkpoints_and_prints_a_sample(data_dir, tmp_path):
     assert json.loads((run / "checkpoints" / "latest").read_text())["step"] == 4
     sample = proc.stdout.split("(temperature 0.8, top-k 40):\n")[1].split("\n\nmetrics:")[0]
     assert sample.startswith("def ") and len(sample) > len("def ")
+
+
+def test_a_non_finite_step_stops_with_its_number_or_is_skipped(data_dir, tmp_path):
+    # weights of 1e30 overflow the backward in fp32 at the first step, deterministically
+    args = ["train", "--config", str(CONFIG), *TINY, "train.steps=3", "checkpoint.interval=-1", "model.init_std=1e30",
+            f"data.work_dir={data_dir}"]
+    proc = trident(*args, "--run-dir", str(tmp_path / "stop"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trident train: error: step 1: the loss is" in proc.stderr and "train.nonfinite=skip" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    trident(*args, "--run-dir", str(tmp_path / "skip"), "train.nonfinite=skip")
+    records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["stepped"] for r in steps] == [False, False, False]
+    assert len({r["lr"] for r in steps}) == 1  # a skipped step does not advance the schedule

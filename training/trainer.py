@@ -45,8 +45,11 @@ from trident.training.pipeline import run_pipeline
 from trident.training.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
 
 
-class NonFiniteLossError(RuntimeError):
-    """The global loss became inf/NaN in fp32/bf16 and the config says to stop."""
+class NonFiniteLossError(UserError):
+    """The global loss or gradient became inf/NaN in fp32/bf16 and the config says to stop.
+
+    A `UserError`: every rank raises it together (the loss and the norm are global), and
+    the command ends with its one sentence (which step, what to change), not a traceback."""
 
 
 @dataclass
