@@ -84,3 +84,34 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path,
         with torch.no_grad():
             for p in model.parameters():
                 p.sub_(1.0)
+
+
+def _save_twice_rank1_dies_in_the_second(root: str) -> None:
+    """Step 1 saved by both ranks; in step 2's save rank 1 dies after writing its tensors."""
+    from trident.parallel.topology import Topology as T
+
+    topo = T.from_initialized(tp=1, pp=1, dp=2)
+    model = build_stage(PRESETS["tiny"], topo)
+    model.init_weights(0)
+    opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=1))
+    ckpt.save_checkpoint(root, 1, topo, model, opt, None, {"consumed_samples": 8})
+    if topo.rank == 1:
+        def die(path, obj):
+            raise Crash("rank 1 dies between writing its files and reporting them")
+        ckpt._write_json_atomic = die
+    ckpt.save_checkpoint(root, 2, topo, model, opt, None, {"consumed_samples": 16})
+
+
+def test_a_save_interrupted_between_ranks_leaves_latest_on_the_previous_checkpoint(dist_pool, tmp_path):
+    from harness import DistributedTestError
+
+    root = tmp_path / "checkpoints"
+    with pytest.raises(DistributedTestError, match="rank 1 dies between writing"):
+        dist_pool.run(2, "test_checkpoint_atomicity:_save_twice_rank1_dies_in_the_second", timeout=60, root=str(root))
+    assert json.loads((root / ckpt.LATEST).read_text())["step"] == 1
+    assert not (root / "step_0000002").exists() and (root / "step_0000002.tmp").is_dir()
+    found = ckpt.latest_valid(root, log=False)
+    assert found is not None and found.name == "step_0000001"  # complete and verified
+    assert set(ckpt.read_meta(found)["files"]) == {
+        "model_pp0_tp0.safetensors", "optim_rank0.safetensors", "optim_rank1.safetensors",
+        "rng_rank0.safetensors", "rng_rank1.safetensors"}
