@@ -151,3 +151,32 @@ def test_a_non_finite_step_stops_with_its_number_or_is_skipped(data_dir, tmp_pat
     steps = [r for r in records if "loss" in r]
     assert [r["stepped"] for r in steps] == [False, False, False]
     assert len({r["lr"] for r in steps}) == 1  # a skipped step does not advance the schedule
+
+
+def test_slurm_script_builds_one_torchrun_per_node(tmp_path):
+    """scripts/slurm.sbatch under fake `srun`/`scontrol`: the launch line it would run."""
+    import os
+    import subprocess
+
+    from cli_helpers import REPO
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\necho \"srun $*\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-node-[07-08]",
+               SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_JOB_ID="123", SLURM_JOB_NAME="llama")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"), "configs/llama-8b.yaml", "--tp", "4",
+                           "train.steps=10"], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert words[:2] == ["srun", "--kill-on-bad-exit=1"] and "torchrun" in words
+    launch = " ".join(words)
+    assert "--nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu-node-07:29500 --rdzv-id 123" in launch
+    assert launch.endswith("-m trident train --config configs/llama-8b.yaml --run-dir runs/llama train.device=cuda "
+                           "--tp 4 train.steps=10")
+    missing = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch")], capture_output=True, text=True,
+                             env=env, timeout=30)
+    assert missing.returncode != 0 and "usage: sbatch scripts/slurm.sbatch CONFIG" in missing.stderr
