@@ -231,6 +231,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: [batch, seq]  ->  [batch, seq (/tp if sequence parallel), hidden]
+        if self.local_size == self.padded_size:  # one rank holds every row: a plain lookup
+            return F.embedding(tokens, self.weight)
         outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
         local = (tokens - self.vocab_start).masked_fill(outside, 0)
         emb = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
