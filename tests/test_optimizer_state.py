@@ -102,7 +102,7 @@ def by_global_name(states: list[dict]) -> dict:
     """{kind/global name: full flat fp32 tensor}, and whether every element was stored."""
     import torch
 
-    from trident.training.optimizer import KINDS
+    from trident.training.state_layout import KINDS
 
     full, seen = {}, {}
     for st in states:
@@ -179,7 +179,7 @@ def test_piece_ranges_match_the_element_reference():
     the per-element reference names, on both the local and the global side."""
     import torch
 
-    from trident.training.optimizer import entry_runs, piece_range
+    from trident.training.state_layout import entry_runs, piece_range
     from trident.parallel.sharding import Piece
 
     gen = torch.Generator().manual_seed(0)
@@ -261,7 +261,7 @@ def _reads(state_dir: str) -> list[dict]:
     from safetensors import safe_open
 
     from trident.training import checkpoint as ckpt
-    from trident.training.optimizer import KINDS
+    from trident.training.state_layout import KINDS
 
     cfg = config()
     topo, _, opt = _build(cfg, 1, 1, 1, "fp32", seed=0)

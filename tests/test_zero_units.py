@@ -14,7 +14,8 @@ from trident.parallel.sharding import Piece
 from trident.parallel.topology import Topology
 from trident.training.grad_buffer import GradBuffer
 from trident.training.mixed_precision import LossScaler, MixedPrecisionConfig, parse_dtype
-from trident.training.optimizer import DistributedOptimizer, OptimizerConfig, global_indices, piece_elements, split_decay
+from trident.training.optimizer import DistributedOptimizer, OptimizerConfig, split_decay
+from trident.training.state_layout import global_indices, piece_elements
 
 
 def _tiny(**kw) -> GPT:
