@@ -67,7 +67,9 @@ def test_bench_train_prints_trident_and_reference_figures():
     out = trident(*BENCH).stdout
     step_s, tokens_per_s, tflops, mfu = _figures(out, "trident ")
     assert step_s > 0 and tflops > 0 and mfu > 0
-    assert tokens_per_s == pytest.approx(8 * 32 / step_s, rel=2e-3)  # global batch 8 x seq 32
+    # global batch 8 x seq 32; step_s is printed to 4 decimals and tokens/s to units, so the
+    # printed figures agree within what that rounding allows (fast steps are ~20 ms here)
+    assert 8 * 32 / (step_s + 5e-5) - 0.5 <= tokens_per_s <= 8 * 32 / (step_s - 5e-5) + 0.5
     ref = _figures(out, "plain PyTorch reference")
     ratio = float(re.search(r"trident / reference throughput: ([0-9.]+)x", out).group(1))
     assert ratio == pytest.approx(tokens_per_s / ref[1], abs=0.01)
