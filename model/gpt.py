@@ -20,18 +20,18 @@ from torch import nn
 
 from trident.errors import UserError
 from trident.model.config import ModelConfig
-from trident.parallel.cross_entropy import vocab_parallel_cross_entropy
-from trident.parallel.layers import (
+from trident.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from trident.parallel.tensor.layers import (
     Block,
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     mark_tp_partial_grad,
 )
-from trident.parallel.mappings import gather_from_tp, scatter_to_sp
+from trident.parallel.tensor.mappings import gather_from_tp, scatter_to_sp
 from trident.parallel.random import REPLICATED, TP, RNGStreams
 from trident.parallel.recompute import checkpoint
-from trident.parallel.sharding import Piece, init_parameters, set_pieces
+from trident.parallel.tensor.sharding import Piece, init_parameters, set_pieces
 from trident.parallel.topology import Topology
 
 

@@ -142,7 +142,7 @@ class ReferenceGPT(nn.Module):
 
     @torch.no_grad()
     def load_trident(self, full: dict[str, torch.Tensor]) -> None:
-        """Copy weights from trident's global tensors (`trident.parallel.sharding.gather_full`)."""
+        """Copy weights from trident's global tensors (`trident.parallel.tensor.sharding.gather_full`)."""
         cfg = self.cfg
         mine = dict(self.named_parameters())
 

@@ -8,7 +8,7 @@ import torch
 
 from trident.model.config import ModelConfig, preset
 from trident.model.gpt import GPT
-from trident.parallel.sharding import gather_full
+from trident.parallel.tensor.sharding import gather_full
 from trident.parallel.topology import Topology
 
 # The four architectures the foundation promises, all tiny, all dividing by tp 1, 2, 4.

@@ -62,9 +62,9 @@ def tiny_model(cfg: ModelConfig, seed: int = 0, noise: float = 0.05) -> GPT:
 def write_checkpoint(model: GPT, root: Path, tokenizer: str | None, step: int = 1) -> Path:
     """`model` saved as a training run would save it (tp = pp = dp = 1)."""
     from trident.parallel.random import RNGStreams
-    from trident.training.checkpoint import save_checkpoint
+    from trident.checkpoint.checkpoint import save_checkpoint
     from trident.training.config import Config, DataSection
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
     topo = model.topo
     opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=0))

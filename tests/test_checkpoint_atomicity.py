@@ -15,9 +15,9 @@ import torch
 
 from trident.model.config import PRESETS
 from trident.parallel.topology import Topology
-from trident.training import checkpoint as ckpt
-from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-from trident.training.pipeline import build_stage
+from trident.checkpoint import checkpoint as ckpt
+from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+from trident.parallel.pipeline.executor import build_stage
 
 
 class Crash(RuntimeError):

@@ -14,7 +14,7 @@ import torch
 from cli_helpers import trident
 from hf_helpers import CONFIGS, one_thread, tiny_model, tokenizer, write_checkpoint  # noqa: F401 (fixtures)
 from trident.errors import UserError
-from trident.training.generate import (
+from trident.inference.generate import (
     SamplingConfig,
     accept_greedy,
     accept_sampled,
@@ -167,8 +167,8 @@ def _tp2_generate(target: str, draft: str, out: str) -> dict:
     """Generate at tp=2 from a tp=1 checkpoint; save the model at tp=2 for the reverse check."""
     from trident.parallel.random import RNGStreams
     from trident.parallel.topology import Topology
-    from trident.training.checkpoint import save_checkpoint
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.checkpoint.checkpoint import save_checkpoint
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
     topo = Topology.from_initialized(tp=2)
     sampled = SamplingConfig(max_new_tokens=16, temperature=0.8, top_k=40, seed=3, stop_at_eod=False)

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from equivalence import gather_checked
 from hf_helpers import CONFIGS, one_thread, tiny_model, tokenizer, write_checkpoint  # noqa: F401 (fixtures)
 from trident.errors import UserError
-from trident.parallel.sharding import gather_full
-from trident.training import checkpoint as ckpt
-from trident.training.hf import export_hf, import_hf, read_safetensors
-from trident.training.hf_checkpoint import export_checkpoint, import_checkpoint
+from trident.checkpoint import checkpoint as ckpt
+from trident.checkpoint.hf import export_hf, import_hf, read_safetensors
+from trident.checkpoint.hf_checkpoint import export_checkpoint, import_checkpoint
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed; the HF ground-truth checks need it (pip install '.[test]')"
@@ -37,7 +37,7 @@ def exported(tokenizer, tmp_path_factory) -> dict[str, tuple]:
     out = {}
     for name, cfg in CONFIGS.items():
         model = tiny_model(cfg, seed=len(out))
-        tensors = gather_full(model, None)
+        tensors = gather_checked(model, None)
         folder = export_hf(cfg, tensors, tmp_path_factory.mktemp(name), tokenizer_path=tokenizer)
         out[name] = (model, tensors, folder)
     return out
@@ -125,7 +125,7 @@ def test_models_saved_by_transformers_import_with_their_logits(arch, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     assert not list((tmp_path / "hf").glob("*.bin"))
     step = import_checkpoint(tmp_path / "hf", tmp_path / "ckpts")
-    from trident.training.generate import load_model
+    from trident.inference.generate import load_model
 
     model, _ = load_model(step)
     x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -167,7 +167,7 @@ def test_unrepresentable_configs_are_refused_naming_the_feature(change, feature,
     cfg = dataclasses.replace(CONFIGS["llama-gqa-untied"], **change)
     model = tiny_model(cfg)
     with pytest.raises(UserError, match=feature):
-        export_hf(cfg, gather_full(model, None), tmp_path / "out")
+        export_hf(cfg, gather_checked(model, None), tmp_path / "out")
     assert not (tmp_path / "out").exists(), "nothing may be written for a refused export"
 
 
@@ -209,9 +209,9 @@ def _load_imported_at_tp2_and_pp2(step: str, variant: str) -> dict:
     from hf_helpers import CONFIGS
 
     from trident.model.gpt import GPT
-    from trident.parallel.sharding import global_shapes
+    from trident.parallel.tensor.sharding import global_shapes
     from trident.parallel.topology import Topology
-    from trident.training.pipeline import build_stage
+    from trident.parallel.pipeline.executor import build_stage
 
     cfg = CONFIGS[variant]
     stored = ckpt.full_tensors(step)
@@ -224,14 +224,14 @@ def _load_imported_at_tp2_and_pp2(step: str, variant: str) -> dict:
     topo = Topology.from_initialized(tp=2)
     model = GPT(cfg, topo)
     ckpt.load_model(step, model)
-    tp_exact = all(torch.equal(t, stored[n]) for n, t in gather_full(model, topo.tp_group).items())
+    tp_exact = all(torch.equal(t, stored[n]) for n, t in gather_checked(model, topo.tp_group).items())
     with torch.no_grad():
         tp_err = (model.eval().full_logits(model(x)) - ref).abs().max().item()
 
     topo = Topology.from_initialized(pp=2)
     stage = build_stage(cfg, topo)
     ckpt.load_model(step, stage)
-    pp = gather_full(stage, topo.pp_group, names=global_shapes(single))
+    pp = gather_checked(stage, topo.pp_group, names=global_shapes(single))
     pp_exact = all(torch.equal(t, stored[n]) for n, t in pp.items())
     return {"tp_exact": tp_exact, "tp_logits_err": tp_err, "pp_exact": pp_exact}
 

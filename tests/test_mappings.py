@@ -13,7 +13,7 @@ def _check_all() -> int:
     import torch
     import torch.distributed as dist
 
-    from trident.parallel import mappings as M
+    from trident.parallel.tensor import mappings as M
 
     r, n = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
@@ -83,7 +83,7 @@ def test_autograd_functions_match_dense_math_on_4_ranks(dist_pool):
 def test_single_process_functions_are_identities():
     import torch
 
-    from trident.parallel import mappings as M
+    from trident.parallel.tensor import mappings as M
 
     x = torch.randn(2, 4, 6)
     for fn in (M.copy_to_tp, M.reduce_from_tp, M.scatter_to_tp, M.gather_from_tp, M.scatter_to_sp, M.gather_from_sp, M.reduce_scatter_to_sp):

@@ -35,7 +35,7 @@ def _model():
 
 
 def _settings(layout: tuple[int, int, int], case: dict):
-    from trident.training.planner import Settings
+    from trident.planning.planner import Settings
 
     tp, pp, dp = layout
     return Settings(
@@ -49,14 +49,14 @@ def _measure(layout: list[int], cases: list[dict]) -> list[dict]:
     """Every case at one layout on this rank: measured report and the planner's prediction."""
     import torch
 
-    from trident.parallel.p2p import activation_shape
+    from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.random import RNGStreams
     from trident.parallel.topology import Topology
     from trident.training.memory import ActivationMeter, rank_memory
-    from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.training.pipeline import build_stage, run_pipeline
-    from trident.training.planner import make_plan
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.parallel.pipeline.executor import build_stage, run_pipeline
+    from trident.planning.planner import make_plan
 
     tp, pp, dp = layout
     topo = Topology.single() if tp * pp * dp == 1 else Topology.from_initialized(tp=tp, pp=pp)
@@ -143,7 +143,7 @@ def test_memory_record_carries_every_rank(dist_pool):
 
 def test_plan_arithmetic_and_errors():
     from trident.errors import UserError
-    from trident.training.planner import make_plan, parse_bytes, search
+    from trident.planning.planner import make_plan, parse_bytes, search
 
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80GiB") == 80 * 2**30
     assert parse_bytes("512 MB") == 512 * 10**6 and parse_bytes("1.5TB") == 1.5e12

@@ -13,7 +13,7 @@ from equivalence import VARIANTS, rel_err
 from trident.errors import UserError
 from trident.model.config import ModelConfig, preset
 from trident.model.gpt import GPT, document_positions
-from trident.parallel.cross_entropy import vocab_parallel_cross_entropy
+from trident.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
 from trident.parallel.topology import Topology
 
 
@@ -106,7 +106,7 @@ def test_presets_have_the_published_sizes(name, expected):
     assert cfg.num_parameters() == expected
     # the model built without memory (meta device) holds exactly those global tensors
     model = GPT(cfg, Topology.single("meta"), device="meta")
-    from trident.parallel.sharding import global_shapes
+    from trident.parallel.tensor.sharding import global_shapes
 
     total = sum(torch.Size(s).numel() for s in global_shapes(model).values())
     assert total == expected

@@ -43,9 +43,9 @@ def config():
 
 def _build(cfg, tp: int, pp: int, zero: int, dtype: str, seed: int):
     from trident.parallel.topology import Topology
-    from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.training.pipeline import build_stage
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.parallel.pipeline.executor import build_stage
 
     topo = Topology.from_initialized(tp=tp, pp=pp)
     model = build_stage(cfg, topo, dtype=parse_dtype(dtype))
@@ -102,7 +102,7 @@ def by_global_name(states: list[dict]) -> dict:
     """{kind/global name: full flat fp32 tensor}, and whether every element was stored."""
     import torch
 
-    from trident.training.state_layout import KINDS
+    from trident.parallel.zero.state_layout import KINDS
 
     full, seen = {}, {}
     for st in states:
@@ -179,8 +179,8 @@ def test_piece_ranges_match_the_element_reference():
     the per-element reference names, on both the local and the global side."""
     import torch
 
-    from trident.training.state_layout import entry_runs, piece_range
-    from trident.parallel.sharding import Piece
+    from trident.parallel.zero.state_layout import entry_runs, piece_range
+    from trident.parallel.tensor.sharding import Piece
 
     gen = torch.Generator().manual_seed(0)
     checked = 0
@@ -260,8 +260,8 @@ def _reads(state_dir: str) -> list[dict]:
     import torch.distributed as dist
     from safetensors import safe_open
 
-    from trident.training import checkpoint as ckpt
-    from trident.training.state_layout import KINDS
+    from trident.checkpoint import checkpoint as ckpt
+    from trident.parallel.zero.state_layout import KINDS
 
     cfg = config()
     topo, _, opt = _build(cfg, 1, 1, 1, "fp32", seed=0)

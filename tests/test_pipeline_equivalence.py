@@ -63,7 +63,7 @@ def _global_batch(cfg, rows: int, packed: bool, seed: int) -> dict:
 def _bad_inputs(topos: dict) -> list[str]:
     """User errors raise one sentence on every rank before any transfer (no hang)."""
     from trident.errors import UserError
-    from trident.training.pipeline import build_stage, run_pipeline
+    from trident.parallel.pipeline.executor import build_stage, run_pipeline
 
     messages = []
     attempts = [
@@ -87,13 +87,13 @@ def _check_pipeline_equivalence() -> dict:
     import torch
     import torch.distributed as dist
 
-    from equivalence import rel_err
+    from equivalence import gather_checked, rel_err
     from trident.model.gpt import GPT
-    from trident.parallel.mappings import all_reduce
-    from trident.parallel.p2p import activation_shape
-    from trident.parallel.sharding import gather_full, global_shapes, pieces_of, tp_replicas
+    from trident.parallel.tensor.mappings import all_reduce
+    from trident.parallel.pipeline.p2p import activation_shape
+    from trident.parallel.tensor.sharding import global_shapes, pieces_of, tp_replicas
     from trident.parallel.topology import Topology
-    from trident.training.pipeline import build_stage, is_pipeline_duplicate, run_pipeline
+    from trident.parallel.pipeline.executor import build_stage, is_pipeline_duplicate, run_pipeline
 
     rank, world = dist.get_rank(), dist.get_world_size()
     topos = {(tp, pp): Topology.from_initialized(tp=tp, pp=pp) for tp, pp in LAYOUTS}
@@ -114,7 +114,7 @@ def _check_pipeline_equivalence() -> dict:
             ref_model.init_weights(0)
             loss = ref_model(data["tokens"], labels=data["labels"], doc_ids=data.get("doc_ids")).mean()
             loss.backward()
-            ref_grads = gather_full(ref_model, None, grads=True)
+            ref_grads = gather_checked(ref_model, None, grads=True)
             ref[0] = loss.item()
             ref[1] = sum(g.double().pow(2).sum() for g in ref_grads.values())
         dist.broadcast(ref, src=0)
@@ -172,7 +172,7 @@ def _check_pipeline_equivalence() -> dict:
         sq = all_reduce(sq, dist.group.WORLD) / topo.dp  # dp replicas hold the same gradients
         assert abs(sq.item() / ref[1].item() - 1) <= 1e-6, f"{where}: grad norm^2 {sq.item()} vs {ref[1].item()}"
 
-        grads = gather_full(model, dist.group.WORLD, grads=True, names=shapes)
+        grads = gather_checked(model, dist.group.WORLD, grads=True, names=shapes)
         if rank == 0:
             assert grads.keys() == ref_grads.keys()
             for name, g in grads.items():

@@ -13,9 +13,9 @@ import json
 import pytest
 
 from trident.errors import UserError
-from trident.parallel.stages import balanced_split, explicit_split, num_microbatches, stage_layers
-from trident.training import schedule as S
-from trident.training.timeline import chrome_trace, idle_fraction, plot_gantt, write_chrome_trace
+from trident.parallel.pipeline.stages import balanced_split, explicit_split, num_microbatches, stage_layers
+from trident.parallel.pipeline import schedule as S
+from trident.parallel.pipeline.timeline import chrome_trace, idle_fraction, plot_gantt, write_chrome_trace
 
 SIZES = [(p, m) for p in range(1, 9) for m in range(1, 25)]
 

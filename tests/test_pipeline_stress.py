@@ -29,13 +29,13 @@ def _stress(out_dir: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from equivalence import rel_err
+    from equivalence import gather_checked, rel_err
     from trident.model.gpt import GPT
-    from trident.parallel.p2p import activation_shape
-    from trident.parallel.sharding import gather_full, global_shapes
+    from trident.parallel.pipeline.p2p import activation_shape
+    from trident.parallel.tensor.sharding import global_shapes
     from trident.parallel.topology import Topology
-    from trident.training.pipeline import build_stage, run_pipeline
-    from trident.training.timeline import Timeline, gather_events, plot_gantt, write_chrome_trace
+    from trident.parallel.pipeline.executor import build_stage, run_pipeline
+    from trident.parallel.pipeline.timeline import Timeline, gather_events, plot_gantt, write_chrome_trace
 
     topo = Topology.from_initialized(pp=4)
     cfg = _config()
@@ -69,13 +69,13 @@ def _stress(out_dir: str) -> dict:
     events = gather_events(timeline)
 
     ref_model = GPT(cfg, Topology.single())
-    grads = gather_full(model, dist.group.WORLD, grads=True, names=global_shapes(ref_model))
+    grads = gather_checked(model, dist.group.WORLD, grads=True, names=global_shapes(ref_model))
     out = {"loss": res.loss}
     if topo.rank == 0:
         ref_model.init_weights(0)
         loss = ref_model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
         loss.backward()
-        ref_grads = gather_full(ref_model, None, grads=True)
+        ref_grads = gather_checked(ref_model, None, grads=True)
         out["ref_loss"] = loss.item()
         out["worst_grad_err"] = max(rel_err(g, ref_grads[n]) for n, g in grads.items())
         write_chrome_trace(events, Path(out_dir) / "trace.json")

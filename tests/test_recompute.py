@@ -57,9 +57,9 @@ def _step(cfg, topo, mode: str, sp: bool, packed: bool) -> dict:
     """One 1F1B step of this rank's stage: loss, local gradients, generator states after."""
     import torch
 
-    from trident.parallel.p2p import activation_shape
+    from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.random import RNGStreams
-    from trident.training.pipeline import build_stage, run_pipeline
+    from trident.parallel.pipeline.executor import build_stage, run_pipeline
 
     torch.manual_seed(0)
     rng = RNGStreams(1234, topo)

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from equivalence import VARIANTS, batch, reference_step, rel_err
+from equivalence import VARIANTS, batch, gather_checked, reference_step, rel_err
 
 TOL = 1e-5
 
 
 def _check_variant(variant: str) -> list[str]:
     from trident.model.gpt import GPT
-    from trident.parallel.layers import sync_tp_partial_grads
-    from trident.parallel.mappings import all_reduce
-    from trident.parallel.sharding import gather_full, local_grad_sq_norm
+    from trident.parallel.tensor.layers import sync_tp_partial_grads
+    from trident.parallel.tensor.mappings import all_reduce
+    from trident.parallel.tensor.sharding import local_grad_sq_norm
     from trident.parallel.topology import Topology
 
     cfg = VARIANTS[variant]
@@ -38,7 +38,7 @@ def _check_variant(variant: str) -> list[str]:
                 loss = model(data["tokens"], labels=data["labels"], doc_ids=doc, label_smoothing=smoothing).mean()
                 loss.backward()
                 sync_tp_partial_grads(model, topo)
-                grads = gather_full(model, topo.tp_group, grads=True)
+                grads = gather_checked(model, topo.tp_group, grads=True)
                 where = f"{variant} tp={tp} sp={sp} packed={packed}"
                 assert rel_err(logits, ref["logits"]) <= TOL, f"{where}: logits differ {rel_err(logits, ref['logits'])}"
                 assert rel_err(loss, ref["loss"]) <= TOL, f"{where}: loss {loss.item()} vs {ref['loss'].item()}"

@@ -12,9 +12,9 @@ import torch
 from cli_helpers import CONFIG, TINY, trident
 from trident.model.config import PRESETS
 from trident.model.reference import ReferenceGPT
-from trident.parallel.sharding import gather_full
+from trident.parallel.tensor.sharding import gather_full
 from trident.parallel.topology import Topology
-from trident.training.pipeline import build_stage
+from trident.parallel.pipeline.executor import build_stage
 
 ARCHS = {
     "llama-gqa-untied": {},

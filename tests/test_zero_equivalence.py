@@ -45,10 +45,10 @@ def reference(cfg, steps: int = STEPS) -> dict:
     """Single-process torch.optim.AdamW with the same groups, normalisation and clipping."""
     import torch
 
+    from equivalence import gather_checked
     from trident.model.gpt import GPT
-    from trident.parallel.sharding import gather_full
     from trident.parallel.topology import Topology
-    from trident.training.optimizer import split_decay
+    from trident.parallel.zero.optimizer import split_decay
 
     model = GPT(cfg, Topology.single())
     model.init_weights(0)
@@ -72,15 +72,15 @@ def reference(cfg, steps: int = STEPS) -> dict:
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["clip_grad"]).item())
         opt.step()
         losses.append(loss.item())
-        params.append(gather_full(model, None))
+        params.append(gather_checked(model, None))
     return {"norms": norms, "losses": losses, "params": params}
 
 
 def build(cfg, topo, zero: int, sp: bool = False, overlap: bool = True, dtype: str = "fp32", **optim):
     """This rank's stage of the model and its distributed optimizer."""
-    from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.training.pipeline import build_stage
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.parallel.pipeline.executor import build_stage
 
     model = build_stage(cfg, topo, sequence_parallel=sp, dtype=parse_dtype(dtype))
     model.init_weights(0)
@@ -100,9 +100,9 @@ def train_step(model, opt, topo, data: dict, sp: bool = False, inject=None):
     """One optimizer step: the documented protocol at pp=1, the 1F1B executor at pp>1."""
     import torch
 
-    from trident.parallel.mappings import all_reduce
-    from trident.parallel.p2p import activation_shape
-    from trident.training.pipeline import finalize_grads, run_pipeline
+    from trident.parallel.tensor.mappings import all_reduce
+    from trident.parallel.pipeline.p2p import activation_shape
+    from trident.parallel.pipeline.executor import finalize_grads, run_pipeline
 
     mbs = microbatches(data, topo)
     tokens = ROWS * SEQ  # loss-bearing tokens of the whole global batch
@@ -131,9 +131,9 @@ def train_step(model, opt, topo, data: dict, sp: bool = False, inject=None):
 def full_params(model, topo, names: dict) -> dict:
     import torch.distributed as dist
 
-    from trident.parallel.sharding import gather_full
+    from equivalence import gather_checked
 
-    return gather_full(model, dist.group.WORLD if topo.world > 1 else None, names=names)
+    return gather_checked(model, dist.group.WORLD if topo.world > 1 else None, names=names)
 
 
 def compare(params: dict, ref: dict) -> float:
@@ -157,7 +157,7 @@ def _layouts(world: int) -> list[dict]:
 
 
 def _check_layouts(size: int, state_dir: str | None = None) -> list[dict]:
-    from trident.parallel.sharding import global_shapes
+    from trident.parallel.tensor.sharding import global_shapes
     from trident.model.gpt import GPT
     from trident.parallel.topology import Topology
 
@@ -229,7 +229,7 @@ def _reshard(cfg, ref: dict, names: dict, state_dir: str) -> dict:
 
 
 def _assert_results(results: list[dict]) -> None:
-    from trident.training.grad_buffer import ALIGN
+    from trident.parallel.zero.grad_buffer import ALIGN
 
     zero0 = {}
     for r in results:

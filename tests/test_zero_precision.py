@@ -19,7 +19,7 @@ def _fp16_skip_and_errors() -> list[dict]:
 
     from test_zero_equivalence import build, config, global_batch, train_step
     from trident.parallel.topology import Topology
-    from trident.training.clip import NonFiniteGradientError
+    from trident.parallel.zero.clip import NonFiniteGradientError
 
     cfg = config()
     topo = Topology.from_initialized(tp=2)  # 4 ranks: tp=2 x dp=2

@@ -10,12 +10,12 @@ import torch
 from trident.errors import UserError
 from trident.model.config import preset
 from trident.model.gpt import GPT
-from trident.parallel.sharding import Piece
+from trident.parallel.tensor.sharding import Piece
 from trident.parallel.topology import Topology
-from trident.training.grad_buffer import GradBuffer
-from trident.training.mixed_precision import LossScaler, MixedPrecisionConfig, parse_dtype
-from trident.training.optimizer import DistributedOptimizer, OptimizerConfig, split_decay
-from trident.training.state_layout import global_indices, piece_elements
+from trident.parallel.zero.grad_buffer import GradBuffer
+from trident.parallel.zero.mixed_precision import LossScaler, MixedPrecisionConfig, parse_dtype
+from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig, split_decay
+from trident.parallel.zero.state_layout import global_indices, piece_elements
 
 
 def _tiny(**kw) -> GPT:

@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
 
     from trident.errors import UserError
     from trident.model.config import ModelConfig
-    from trident.parallel.stages import stage_layers
+    from trident.parallel.pipeline.stages import stage_layers
     from trident.parallel.topology import resolve_layout
-    from trident.training.mixed_precision import parse_dtype
+    from trident.parallel.zero.mixed_precision import parse_dtype
 
     parse_dtype(args.dtype)
     if args.zero not in (0, 1, 2):
@@ -157,9 +157,9 @@ def _build(layout: tuple[int, int, int], config: dict, init: bool):
     from trident.model.config import ModelConfig
     from trident.parallel.random import RNGStreams
     from trident.parallel.topology import Topology
-    from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.training.pipeline import build_stage
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.parallel.pipeline.executor import build_stage
 
     tp, pp, dp = layout
     topo = Topology.from_initialized(tp=tp, pp=pp, dp=dp)
@@ -190,7 +190,7 @@ def _measure(layout: tuple[int, int, int], phase: str, config: dict) -> dict:
     """Median seconds (slowest rank) of the whole save or load, and of its parts."""
     import torch.distributed as dist
 
-    from trident.training import checkpoint as ckpt
+    from trident.checkpoint import checkpoint as ckpt
 
     root = Path(config["root"])
     topo, model, opt, rng = _build(layout, config, init=phase == "save")

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
     from trident.errors import UserError
-    from trident.training.schedule import SCHEDULES
+    from trident.parallel.pipeline.schedule import SCHEDULES
 
     if args.pp < 1 or args.microbatches < 1 or args.steps < 1 or args.warmup < 0:
         raise UserError(
@@ -131,10 +131,10 @@ def _stage_main(rank: int, config: dict, tmp: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trident.parallel.p2p import activation_shape
+    from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.topology import Topology
-    from trident.training.pipeline import run_pipeline
-    from trident.training.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
+    from trident.parallel.pipeline.executor import run_pipeline
+    from trident.parallel.pipeline.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
 
     torch.set_num_threads(1)
     pp, m = config["pp"], config["microbatches"]
@@ -191,7 +191,7 @@ def _timed(fn) -> float:
 
 # --- the report -------------------------------------------------------------------------------------
 def format_report(r: dict) -> str:
-    from trident.training.schedule import bubble_fraction, ideal_time
+    from trident.parallel.pipeline.schedule import bubble_fraction, ideal_time
 
     p, m, tf, tb = r["pp"], r["microbatches"], r["tf"], r["tb"]
     ideal = ideal_time(p, m, tf, tb)

@@ -83,7 +83,7 @@ class _TridentStep:
     def __init__(self, cfg, topo) -> None:
         import torch
 
-        from trident.parallel.p2p import activation_shape
+        from trident.parallel.pipeline.p2p import activation_shape
         from trident.parallel.random import RNGStreams
         from trident.training.build import build_model, build_optimizer, build_schedule
         from trident.training.config import derive
@@ -100,7 +100,7 @@ class _TridentStep:
         self.divisor = float(t.global_batch_size * s)
 
     def __call__(self) -> float:
-        from trident.training.pipeline import run_pipeline
+        from trident.parallel.pipeline.executor import run_pipeline
 
         opt = self.optimizer
         opt.zero_grad()

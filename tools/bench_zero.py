@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
     from trident.errors import UserError
-    from trident.training.mixed_precision import parse_dtype
+    from trident.parallel.zero.mixed_precision import parse_dtype
 
     parse_dtype(args.dtype)
     for name in ("layers", "hidden", "vocab", "seq", "micro_batch", "microbatches", "steps"):
@@ -107,8 +107,8 @@ def _measure(dp: int, config: dict) -> list[dict]:
     from trident.model.config import ModelConfig
     from trident.model.gpt import GPT
     from trident.parallel.topology import Topology
-    from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
     topo = Topology.from_initialized(tp=1)
     cfg = ModelConfig(

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from trident.errors import UserError
-    from trident.training.checkpoint import LATEST, complete_checkpoints, inspect_checkpoint
+    from trident.checkpoint.checkpoint import LATEST, complete_checkpoints, inspect_checkpoint
 
     path = Path(args.path)
     if not path.exists():

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sample(run_dir: Path, args: argparse.Namespace) -> int:
-    from trident.training.generate import generate_from_checkpoint
+    from trident.inference.generate import generate_from_checkpoint
 
     latest = run_dir / "checkpoints"
     if not (latest / "latest").exists():

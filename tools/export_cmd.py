@@ -5,7 +5,7 @@ GPT-2-style ones (LayerNorm, learned positions, GeLU) a ``GPT2LMHeadModel`` fold
 ``config.json``, ``model.safetensors`` (sharded with an index past --max-shard-size),
 and the tokenizer, so ``AutoModelForCausalLM`` and ``AutoTokenizer`` load OUT as is.
 The checkpoint may have been saved at any (tp, pp, dp) layout. The work happens in
-``trident.training.hf_checkpoint``.
+``trident.checkpoint.hf_checkpoint``.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def parse_size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from trident.errors import UserError
-    from trident.training.checkpoint import model_config, read_meta
-    from trident.training.hf_checkpoint import describe, export_checkpoint
-    from trident.training.mixed_precision import parse_dtype
+    from trident.checkpoint.checkpoint import model_config, read_meta
+    from trident.checkpoint.hf_checkpoint import describe, export_checkpoint
+    from trident.parallel.zero.mixed_precision import parse_dtype
 
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format!r} is not supported; valid formats are {', '.join(FORMATS)}")

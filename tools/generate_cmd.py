@@ -5,7 +5,7 @@ from what the run recorded (or --tokenizer). One process reads every tensor whol
 under torchrun (or with --nproc N) the model is tensor-parallel over all ranks (tp =
 world size), each rank reading only its slices. The text goes to stdout, the timing
 (and with --draft-checkpoint the draft's acceptance rate) to stderr. The work happens in
-``trident.training.generate``.
+``trident.inference.generate``.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from trident.parallel.topology import Topology
-    from trident.training.generate import SamplingConfig, generate_text
-    from trident.training.mixed_precision import parse_dtype
+    from trident.inference.generate import SamplingConfig, generate_text
+    from trident.parallel.zero.mixed_precision import parse_dtype
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

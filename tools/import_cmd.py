@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trident.training.checkpoint import model_config, read_meta
-    from trident.training.hf_checkpoint import describe, import_checkpoint
+    from trident.checkpoint.checkpoint import model_config, read_meta
+    from trident.checkpoint.hf_checkpoint import describe, import_checkpoint
 
     path = import_checkpoint(args.hf, args.output, seed=args.seed)
     meta = read_meta(path)

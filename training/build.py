@@ -14,9 +14,9 @@ from trident.parallel.random import RNGStreams
 from trident.parallel.topology import Topology
 from trident.training.config import Config
 from trident.training.lr_schedule import LRSchedule
-from trident.training.mixed_precision import MixedPrecisionConfig, parse_dtype
-from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-from trident.training.pipeline import build_stage
+from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+from trident.parallel.pipeline.executor import build_stage
 
 
 def build_model(cfg: Config, topo: Topology, rng: RNGStreams) -> GPT:

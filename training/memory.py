@@ -32,7 +32,7 @@ saved tensor, so the other steps run without them)::
     report = rank_memory(model, optimizer, meter.peak_bytes, meter.source)
     record.update(memory_record(report, topo))   # mem_* fields, with the max over ranks
 
-`trident.training.plan_memory` predicts the same four numbers from the config alone.
+`trident.planning.plan_memory` predicts the same four numbers from the config alone.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from trident.parallel.topology import Topology
 
 @dataclass
 class MemoryReport:
-    """Bytes one rank holds (the planner predicts the same fields, `training.planner`)."""
+    """Bytes one rank holds (the planner predicts the same fields, `planning.planner`)."""
 
     param_bytes: int
     """Parameters in the model dtype (including bucket padding with a `DistributedOptimizer`)."""

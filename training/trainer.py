@@ -28,21 +28,21 @@ import torch
 import torch.distributed as dist
 
 from trident.errors import UserError
-from trident.parallel.mappings import all_reduce
-from trident.parallel.p2p import activation_shape
+from trident.parallel.tensor.mappings import all_reduce
+from trident.parallel.pipeline.p2p import activation_shape
 from trident.parallel.random import RNGStreams
-from trident.parallel.stages import stage_layers
+from trident.parallel.pipeline.stages import stage_layers
 from trident.parallel.topology import Topology
-from trident.training import checkpoint as ckpt
-from trident.training.clip import NonFiniteGradientError
+from trident.checkpoint import checkpoint as ckpt
+from trident.parallel.zero.clip import NonFiniteGradientError
 from trident.training.build import build_model, build_optimizer, build_schedule
 from trident.training.config import Config, derive
 from trident.training.data_setup import build_data
 from trident.training.memory import ActivationMeter, memory_record, rank_memory
 from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token
-from trident.training.mixed_precision import parse_dtype
-from trident.training.pipeline import run_pipeline
-from trident.training.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
+from trident.parallel.zero.mixed_precision import parse_dtype
+from trident.parallel.pipeline.executor import run_pipeline
+from trident.parallel.pipeline.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
 
 
 class NonFiniteLossError(UserError):

@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 from trident.errors import UserError
-from trident.parallel.sharding import global_name, pieces_of
+from trident.parallel.tensor.sharding import global_name, pieces_of
 from trident.parallel.topology import Topology
-from trident.training.clip import (
+from trident.parallel.zero.clip import (
     Exclude,
     NonFiniteGradientError,
     ShardNorm,
@@ -55,9 +55,9 @@ from trident.training.clip import (
     default_exclude,
     resolve_nonfinite_policy,
 )
-from trident.training.grad_buffer import GradBuffer
-from trident.training.mixed_precision import LossScaler, MixedPrecisionConfig, dtype_name
-from trident.training.state_layout import (
+from trident.parallel.zero.grad_buffer import GradBuffer
+from trident.parallel.zero.mixed_precision import LossScaler, MixedPrecisionConfig, dtype_name
+from trident.parallel.zero.state_layout import (
     KINDS,
     assemble,
     block_runs,

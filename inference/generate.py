@@ -2,7 +2,7 @@
 
 The model is rebuilt from the checkpoint at generation's own layout, whatever layout
 trained it: one process at tp = 1 (every tensor read whole), or tp = world under
-torchrun, each rank reading only its slices (`trident.training.checkpoint.load_model`).
+torchrun, each rank reading only its slices (`trident.checkpoint.checkpoint.load_model`).
 Generation always runs the whole depth in each process (pp = 1).
 
 Decoding feeds the model only the tokens its KV cache has not seen, so a step costs one
@@ -40,7 +40,7 @@ from trident.errors import UserError
 from trident.model.config import ModelConfig
 from trident.model.gpt import GPT, KVCache
 from trident.parallel.topology import Topology
-from trident.training import checkpoint as ckpt
+from trident.checkpoint import checkpoint as ckpt
 
 
 @dataclass

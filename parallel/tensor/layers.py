@@ -1,7 +1,7 @@
 """Tensor-parallel layers: column- and row-parallel linears and the vocabulary-parallel embedding.
 
 Each layer holds only its shard and records, through `Piece`s, which slices of which
-global tensors that shard is. Communication goes through `trident.parallel.mappings`.
+global tensors that shard is. Communication goes through `trident.parallel.tensor.mappings`.
 
 With sequence parallelism the activations between layers are ``[batch, seq/tp, hidden]``:
 a column-parallel linear all-gathers the sequence on the way in, a row-parallel linear
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trident.parallel.mappings import (
+from trident.parallel.tensor.mappings import (
     all_reduce,
     copy_to_tp,
     gather_from_sp,
@@ -27,7 +27,7 @@ from trident.parallel.mappings import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
-from trident.parallel.sharding import Piece, set_pieces
+from trident.parallel.tensor.sharding import Piece, set_pieces
 from trident.parallel.topology import Topology
 
 PARTIAL_ATTR = "tp_partial_grad"

@@ -4,7 +4,7 @@ Nothing here allocates a model. Two parts, each written to agree with the code i
 
 * **Persistent state.** The parameter list of a pipeline stage at a tp size (the same
   local shapes and order as `trident.model.gpt.GPT`), packed into gradient buckets the
-  way `trident.training.grad_buffer.GradBuffer` packs them (reverse order, deferred
+  way `trident.parallel.zero.grad_buffer.GradBuffer` packs them (reverse order, deferred
   tp-partial / tied parameters last, each bucket padded to a multiple of dp * 16), then
   priced as `DistributedOptimizer.memory()` prices them: parameters in the model dtype,
   fp32 gradients (only the owned 1/dp shard kept between steps at ZeRO-2), exp_avg and
@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from trident.model.config import ModelConfig
-from trident.parallel.layers import padded_vocab_size
-from trident.parallel.stages import stage_layers
+from trident.parallel.tensor.layers import padded_vocab_size
+from trident.parallel.pipeline.stages import stage_layers
 
-ALIGN = 16  # elements; trident.training.grad_buffer.ALIGN
+ALIGN = 16  # elements; trident.parallel.zero.grad_buffer.ALIGN
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 

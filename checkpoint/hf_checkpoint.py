@@ -1,7 +1,7 @@
 """trident checkpoints <-> Hugging Face folders: what `trident export` and `trident import` do.
 
 Export reads the checkpoint's slices back into whole tensors (at whatever layout they
-were saved, in one process) and hands them to `trident.training.hf.export_hf` with the
+were saved, in one process) and hands them to `trident.checkpoint.hf.export_hf` with the
 model config and the tokenizer the run was trained with.
 
 Import writes an ordinary trident checkpoint, ``OUT/step_0000000`` plus ``OUT/latest``,
@@ -24,8 +24,8 @@ import torch
 
 from trident.errors import UserError
 from trident.model.config import ModelConfig
-from trident.training import checkpoint as ckpt
-from trident.training.hf import DEFAULT_MAX_SHARD_BYTES, export_hf, hf_architecture, import_hf
+from trident.checkpoint import checkpoint as ckpt
+from trident.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, export_hf, hf_architecture, import_hf
 
 
 @dataclass
@@ -86,12 +86,12 @@ def import_checkpoint(hf_dir: str | os.PathLike, output: str | os.PathLike, seed
     --run-dir RUN_DIR --resume` (with the same model config) trains on from it.
     """
     from trident.parallel.random import RNGStreams
-    from trident.parallel.sharding import load_full
+    from trident.parallel.tensor.sharding import load_full
     from trident.parallel.topology import Topology
     from trident.training.config import Config, DataSection
-    from trident.training.mixed_precision import MixedPrecisionConfig
-    from trident.training.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.training.pipeline import build_stage
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.parallel.pipeline.executor import build_stage
 
     hf_path, out_root = Path(hf_dir), Path(output)
     if out_root.exists() and not out_root.is_dir():

@@ -7,7 +7,7 @@ chrome://tracing or https://ui.perfetto.dev, and `plot_gantt` draws stages x tim
 matplotlib (an optional extra, imported only here and only when asked), so the bubble of
 a schedule is something a user can see rather than compute.
 
-The process-free schedule simulator (`training.schedule.simulate`) produces the same
+The process-free schedule simulator (`parallel.pipeline.schedule.simulate`) produces the same
 `Event`s, so a planned schedule and a measured one are drawn by the same code.
 """
 

@@ -10,9 +10,9 @@ gives the global sum:
   that nothing is counted dp times);
 * tp: an element that several tp ranks hold identically (a norm weight, a replicated kv
   head) is weighted 1/replicas; padding rows of a vocabulary shard belong to no global
-  tensor and weigh 0 (`trident.parallel.sharding.Piece`);
+  tensor and weigh 0 (`trident.parallel.tensor.sharding.Piece`);
 * pp: stages hold disjoint layers, except the last stage's copy of a tied embedding,
-  which weighs 0 (`trident.training.pipeline.is_pipeline_duplicate`).
+  which weighs 0 (`trident.parallel.pipeline.executor.is_pipeline_duplicate`).
 
 Because the groups tile the world, a single all-reduce over the default group replaces
 three (tp, then pp, then dp). The same collective carries a count of non-finite
@@ -34,12 +34,12 @@ import torch.distributed as dist
 from torch import nn
 
 from trident.errors import UserError
-from trident.parallel.sharding import pieces_of, tp_replicas
+from trident.parallel.tensor.sharding import pieces_of, tp_replicas
 from trident.parallel.topology import Topology
-from trident.training.grad_buffer import GradBuffer
+from trident.parallel.zero.grad_buffer import GradBuffer
 
 NONFINITE_POLICIES = ("auto", "skip", "error")
-DUPLICATE_ATTR = "pipeline_duplicate"  # trident.training.pipeline.is_pipeline_duplicate
+DUPLICATE_ATTR = "pipeline_duplicate"  # trident.parallel.pipeline.executor.is_pipeline_duplicate
 Exclude = Callable[[str, nn.Parameter], bool]
 
 

@@ -1,7 +1,7 @@
 """The pipeline executor: runs one stage's schedule against its model, the transfers and the loss.
 
 `run_pipeline` is one training step (or, with ``forward_only=True``, one evaluation pass)
-of one rank of a pipeline. The schedule is data (`training.schedule`): a list of
+of one rank of a pipeline. The schedule is data (`parallel.pipeline.schedule`): a list of
 forward/backward steps turned into a plan with the transfers between them; this module
 only carries that plan out, so a new schedule is a new list, not a new executor. With
 pp = 1 the same code is plain gradient accumulation over microbatches.
@@ -28,7 +28,7 @@ Hooks for the data-parallel reduction (the DP / ZeRO code plugs in here):
 
 `finalize_grads` runs before ``grad_sync`` and sums, on full local gradients, the two
 cross-rank partial gradients a pipeline stage has: parameters flagged by
-`trident.parallel.layers.mark_tp_partial_grad` (sequence-parallel norms, QK-norm) over tp,
+`trident.parallel.tensor.layers.mark_tp_partial_grad` (sequence-parallel norms, QK-norm) over tp,
 and the tied input/output embedding over the embedding group (first + last stage). An
 overlapped dp reduction may therefore start on any parameter during the last backward
 EXCEPT those flagged ``tp_partial_grad`` or ``pipeline_tied``: reduce those in
@@ -56,13 +56,13 @@ from torch import nn
 from trident.errors import UserError
 from trident.model.config import ModelConfig
 from trident.model.gpt import GPT
-from trident.parallel.layers import sync_tp_partial_grads
-from trident.parallel.mappings import all_reduce
-from trident.parallel.p2p import StageComm
+from trident.parallel.tensor.layers import sync_tp_partial_grads
+from trident.parallel.tensor.mappings import all_reduce
+from trident.parallel.pipeline.p2p import StageComm
 from trident.parallel.random import RNGStreams
-from trident.parallel.stages import stage_layers
+from trident.parallel.pipeline.stages import stage_layers
 from trident.parallel.topology import Topology
-from trident.training.schedule import (
+from trident.parallel.pipeline.schedule import (
     SCHEDULES,
     Exchange,
     forward_only as forward_only_steps,
@@ -70,7 +70,7 @@ from trident.training.schedule import (
     plan,
     schedule_steps,
 )
-from trident.training.timeline import Timeline, span
+from trident.parallel.pipeline.timeline import Timeline, span
 
 TIED_ATTR = "pipeline_tied"
 DUPLICATE_ATTR = "pipeline_duplicate"
@@ -181,7 +181,7 @@ def run_pipeline(
         packed: the attention mask is rebuilt per layer) and an optional float
         ``loss_mask`` (last stage).
     act_shape: the tensor passed between stages, from the config
-        (`trident.parallel.p2p.activation_shape`); no shapes are exchanged at run time.
+        (`trident.parallel.pipeline.p2p.activation_shape`); no shapes are exchanged at run time.
     loss_divisor: loss-bearing tokens in the whole global batch (all microbatches, all dp
         ranks), so the loss does not depend on the layout.
     forward_only: evaluation; no activations kept, no gradients, no hooks called.

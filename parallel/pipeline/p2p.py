@@ -9,7 +9,7 @@ All operations of one `exchange` are posted together with ``batch_isend_irecv`` 
 waited on together, which is what lets a stage send its activation to the next stage and
 receive a gradient from it in one round trip (Megatron's ``send_forward_recv_backward``)
 without either side having to go first. Which exchanges happen in what order is the
-schedule's business (`trident.training.schedule.plan`); this module only moves tensors.
+schedule's business (`trident.parallel.pipeline.schedule.plan`); this module only moves tensors.
 
 Works on gloo (CPU tensors) and NCCL (CUDA tensors on the topology's device). Peers are
 global ranks taken from the topology, so tp and dp replicas of a stage each talk to

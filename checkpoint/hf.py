@@ -1,7 +1,7 @@
 """Hugging Face export and import: trident's full global tensors <-> Llama and GPT-2 folders.
 
 Pure conversion, no processes: the caller gathers a model (`gather_full`) or reads a
-checkpoint (`trident.training.checkpoint.full_tensors`) into whole tensors by global
+checkpoint (`trident.checkpoint.checkpoint.full_tensors`) into whole tensors by global
 name and hands them here with the `ModelConfig`; import gives back the same pair, which
 `load_full` slices onto any layout.
 
@@ -20,8 +20,8 @@ with GeLU) has no HF architecture that computes the same function, and is refuse
 a `UserError` naming the feature rather than written as a folder that loads but
 computes something else.
 
-The tokenizer travels too (`trident.training.hf_tokenizer`), so `AutoTokenizer` loads
-the same folder. `trident.training.hf_checkpoint` connects both directions to trident
+The tokenizer travels too (`trident.data.hf_tokenizer`), so `AutoTokenizer` loads
+the same folder. `trident.checkpoint.hf_checkpoint` connects both directions to trident
 checkpoints.
 
 Only safetensors and JSON are read and written; nothing is pickled.
@@ -41,9 +41,9 @@ from safetensors.torch import save_file
 from trident.errors import UserError
 from trident.model.config import ModelConfig
 from trident.model.gpt import GPT
-from trident.parallel.sharding import global_shapes
+from trident.parallel.tensor.sharding import global_shapes
 from trident.parallel.topology import Topology
-from trident.training.hf_tokenizer import export_tokenizer
+from trident.data.hf_tokenizer import export_tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default for save_pretrained
 WEIGHTS_NAME = "model.safetensors"
@@ -461,8 +461,8 @@ def check_shapes(cfg: ModelConfig, tensors: dict[str, torch.Tensor], what: str) 
 def import_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A HF Llama or GPT-2 folder as a trident config and whole fp32 global tensors.
 
-    The tensors load onto any layout with `trident.parallel.sharding.load_full`, or go
-    into a checkpoint with `trident.training.hf_checkpoint.import_checkpoint`.
+    The tensors load onto any layout with `trident.parallel.tensor.sharding.load_full`, or go
+    into a checkpoint with `trident.checkpoint.hf_checkpoint.import_checkpoint`.
     """
     folder = Path(path)
     if not folder.is_dir():

@@ -15,7 +15,7 @@ import math
 import torch
 
 from trident.errors import UserError
-from trident.parallel.sharding import Piece
+from trident.parallel.tensor.sharding import Piece
 
 KINDS = ("master", "exp_avg", "exp_avg_sq")
 """The stored state tensors of each entry, in file order."""

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trident.parallel.mappings import all_reduce
+from trident.parallel.tensor.mappings import all_reduce
 from trident.parallel.topology import group_size
 
 _ATTR = "_trident_pieces"

@@ -3,7 +3,7 @@
 `make_plan` predicts, from the config alone (no model is built, nothing is allocated):
 
 * per pipeline stage, each rank's parameters, gradients, optimizer state and peak
-  activations (`trident.training.plan_memory`, checked against measured steps by
+  activations (`trident.planning.plan_memory`, checked against measured steps by
   tests/test_memory_plan.py), and the peak total, which counts the full fp32 gradient
   buffer at ZeRO-2 too (it lives through the backward passes of a step);
 * the step's FLOPs: the model FLOPs of `trident.training.metrics.flops_per_token` (what
@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 
 from trident.errors import UserError
 from trident.model.config import ModelConfig
-from trident.parallel.layers import padded_vocab_size
-from trident.parallel.stages import stage_layers
+from trident.parallel.tensor.layers import padded_vocab_size
+from trident.parallel.pipeline.stages import stage_layers
 from trident.training.config import RECOMPUTE, Config
 from trident.training.metrics import PEAK_TFLOPS, flops_per_token
-from trident.training.plan_memory import (
+from trident.planning.plan_memory import (
     DTYPE_BYTES,
     ActivationBytes,
     Shapes,

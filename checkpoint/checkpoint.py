@@ -45,9 +45,9 @@ from torch import nn
 
 from trident.errors import UserError
 from trident.parallel.random import RNGStreams
-from trident.parallel.sharding import iter_pieces, tp_replicas
+from trident.parallel.tensor.sharding import iter_pieces, tp_replicas
 from trident.parallel.topology import Topology
-from trident.training.clip import default_exclude
+from trident.parallel.zero.clip import default_exclude
 
 if TYPE_CHECKING:
     from trident.model.config import ModelConfig

@@ -27,7 +27,7 @@ same collectives in the same order even if its hooks fire in a different one.
 
 Averaging convention: the gradients are SUMMED over dp, never averaged. The loss that is
 back-propagated is already normalised by the number of loss-bearing tokens of the whole
-global batch (`trident.training.pipeline`), so the sum over microbatches and replicas is
+global batch (`trident.parallel.pipeline.executor`), so the sum over microbatches and replicas is
 exactly the gradient of the global-batch mean, and dp=4 equals dp=1 on the same batch.
 
 Deferred parameters. Two kinds of gradient are partial sums that the pipeline's
@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trident.errors import UserError
-from trident.parallel.layers import PARTIAL_ATTR
+from trident.parallel.tensor.layers import PARTIAL_ATTR
 from trident.parallel.topology import Topology
 
 # torch 2.13 names the tensor-in/tensor-out collectives *_single; older releases do not.
@@ -57,7 +57,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 ALIGN = 16  # elements; each rank's shard of a bucket starts on a 64-byte boundary
-TIED_ATTR = "pipeline_tied"  # set by trident.training.pipeline.mark_tied_embedding
+TIED_ATTR = "pipeline_tied"  # set by trident.parallel.pipeline.executor.mark_tied_embedding
 
 
 @dataclass
@@ -158,7 +158,7 @@ class GradBuffer:
         # A tied embedding split across the pipeline must be deferred; flag it now even if
         # the model was built without `build_stage` (the executor would flag it too late).
         try:
-            from trident.training.pipeline import mark_tied_embedding
+            from trident.parallel.pipeline.executor import mark_tied_embedding
         except ImportError:  # the pipeline module is optional for a pp=1 user
             return
         topo = getattr(model, "topo", None)

@@ -2,7 +2,7 @@
 
 A schedule is the list of compute steps one stage runs, ``F3`` (forward of microbatch
 3) or ``B3`` (its backward). It can be printed, compared and tested without a process;
-`plan` turns it into the actions the executor (`training.pipeline`) runs, inserting the
+`plan` turns it into the actions the executor (`parallel.pipeline.executor`) runs, inserting the
 point-to-point transfers each step implies; `simulate` runs the plans of every stage
 together, process-free, to get the total time and to prove a plan cannot deadlock.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from trident.errors import UserError
-from trident.training.timeline import Event
+from trident.parallel.pipeline.timeline import Event
 
 
 # --- steps and actions ---------------------------------------------------------------------

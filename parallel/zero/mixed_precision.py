@@ -2,7 +2,7 @@
 
 The model is built in the compute dtype (``fp32 | bf16 | fp16``); the optimizer keeps
 fp32 master weights and accumulates gradients in fp32 whenever that dtype is not fp32
-(`trident.training.optimizer`). bf16 has fp32's exponent range and needs no scaling;
+(`trident.parallel.zero.optimizer`). bf16 has fp32's exponent range and needs no scaling;
 fp16's narrow range loses small gradients to underflow, so the loss is multiplied by a
 large scale before backward and the gradients are divided by it before the step.
 
@@ -11,7 +11,7 @@ a step whose gradients hold inf/NaN is skipped and the scale is multiplied by
 `backoff_factor`; after `growth_interval` clean steps in a row it is multiplied by
 `growth_factor`. The inf/NaN check must agree on every rank (tp, pp and dp) or ranks
 would diverge, some stepping and some not; the optimizer gets that agreement for free
-from the all-reduce of the global gradient norm (`trident.training.clip`), and
+from the all-reduce of the global gradient norm (`trident.parallel.zero.clip`), and
 `any_rank` below offers the same for callers without a norm.
 """
 
