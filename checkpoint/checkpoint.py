@@ -1,9 +1,10 @@
-"""Checkpoints that survive crashes and layout changes: safetensors + JSON, no pickle.
+"""Saving and loading checkpoints during training: safetensors + JSON, no pickle.
 
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step_0000100/``::
 
-    meta.json                      step, consumed samples, config, layout, scheduler,
-                                   loss scaler, early-stopping state, sha256 of every file
+    meta.json                      the run's `RunState` (trident.checkpoint.state): step,
+                                   consumed samples, config, layout, scheduler, loss scaler,
+                                   early-stopping state, sha256 of every file
     model_pp{P}_tp{T}.safetensors  this (pp, tp) position's slices of the global tensors
     optim_rank{R}.safetensors      rank R's optimizer state (fp32 master, exp_avg, exp_avg_sq)
     rng_rank{R}.safetensors        rank R's RNG states (dropout streams, torch default)
@@ -24,18 +25,21 @@ Loading reads, for each local parameter piece and each local optimizer entry, on
 overlapping regions of the stored slices and entries (safetensors' lazy `get_slice`), so a
 checkpoint saved at one (tp, pp, dp, zero) loads at any other, each rank reading about its
 own share.
+
+This module is the collective part, called by every rank. It also re-exports the rest of
+the package's API (the format, finding and verifying, offline readers) so that
+``from trident.checkpoint import checkpoint as ckpt`` reaches all of it.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,30 +47,38 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trident.errors import UserError
+from trident.checkpoint.offline import Inspection, find_tokenizer, full_tensors, inspect_checkpoint, model_config
+from trident.checkpoint.state import (
+    FORMAT,
+    CheckpointCorruptError,
+    EarlyStopping,
+    Layout,
+    RunState,
+    read_meta,
+    read_state,
+)
+from trident.checkpoint.store import (
+    LATEST,
+    complete_checkpoints,
+    find_checkpoint,
+    latest_valid,
+    model_index,
+    sha256_file,
+    step_dir_name,
+    step_of,
+    verify,
+)
 from trident.parallel.random import RNGStreams
 from trident.parallel.tensor.sharding import iter_pieces, tp_replicas
 from trident.parallel.topology import Topology
 from trident.parallel.zero.clip import default_exclude
 
-if TYPE_CHECKING:
-    from trident.model.config import ModelConfig
-
-FORMAT = "trident-checkpoint/1"
-LATEST = "latest"
-
-
-class CheckpointCorruptError(UserError):
-    """A checkpoint file is missing or fails its checksum."""
-
-
-# --- small file helpers ---------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = [
+    "FORMAT", "LATEST", "CheckpointCorruptError", "EarlyStopping", "Inspection", "Layout", "RunState",
+    "complete_checkpoints", "find_checkpoint", "find_tokenizer", "full_tensors", "inspect_checkpoint",
+    "latest_valid", "load_model", "load_optimizer", "load_rng", "model_config", "read_meta", "read_state",
+    "save_checkpoint", "sha256_file", "step_dir_name", "step_of", "verify",
+]
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -81,14 +93,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 def _barrier(topo: Topology) -> None:
     if topo.world > 1:
         dist.barrier()
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("_")[1])
 
 
 # --- saving -----------------------------------------------------------------------------------
@@ -115,12 +119,13 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: Any,
     rng: RNGStreams | None,
-    state: dict[str, Any],
+    state: RunState,
     keep: int = 2,
 ) -> Path:
     """Write checkpoint `step` under `root` (collective: every rank calls it).
 
-    `state` is the JSON-able rest of the run: consumed samples, scheduler, config, ...
+    `state` is the rest of the run (consumed samples, scheduler, config, ...); its `step`,
+    `layout` and `files` are filled here.
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -131,7 +136,28 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(topo)
+    _write_json_atomic(tmp / f"manifest_rank{topo.rank}.json", _write_rank_files(tmp, topo, model, optimizer, rng))
+    _barrier(topo)
+    if topo.rank == 0:
+        layout = Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, world=topo.world, zero=optimizer.cfg.zero)
+        files = _collect_manifests(tmp, topo.world)
+        meta = dataclasses.replace(state, step=step, layout=layout, files=files)
+        _write_json_atomic(tmp / "meta.json", meta.to_dict())
+        replaced = root / (final.name + ".replaced.tmp")  # a .tmp name: never taken as complete
+        if final.exists():  # the same step saved again: move the old copy aside, delete it last
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        _write_json_atomic(root / LATEST, {"step": step, "dir": final.name})
+        shutil.rmtree(replaced, ignore_errors=True)
+        _prune(root, keep)
+    _barrier(topo)
+    return final
 
+
+def _write_rank_files(
+    tmp: Path, topo: Topology, model: nn.Module, optimizer: Any, rng: RNGStreams | None
+) -> dict[str, str]:
+    """Write this rank's model slices, optimizer state and RNG states; file name -> sha256."""
     written: dict[str, str] = {}
 
     def put(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
@@ -152,32 +178,17 @@ def save_checkpoint(
     if rng is not None:
         rng_tensors.update({f"stream/{k}": v.cpu() for k, v in rng.state_dict().items()})
     put(rng_tensors, f"rng_rank{topo.rank}.safetensors", {})
-    _write_json_atomic(tmp / f"manifest_rank{topo.rank}.json", written)
-    _barrier(topo)
+    return written
 
-    if topo.rank == 0:
-        files: dict[str, str] = {}
-        for r in range(topo.world):
-            manifest = tmp / f"manifest_rank{r}.json"
-            files.update(json.loads(manifest.read_text()))
-            manifest.unlink()
-        meta = {
-            "format": FORMAT,
-            "step": step,
-            "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "world": topo.world, "zero": optimizer.cfg.zero},
-            "files": files,
-            **state,
-        }
-        _write_json_atomic(tmp / "meta.json", meta)
-        replaced = root / (final.name + ".replaced.tmp")  # a .tmp name: never taken as complete
-        if final.exists():  # the same step saved again: move the old copy aside, delete it last
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _write_json_atomic(root / LATEST, {"step": step, "dir": final.name})
-        shutil.rmtree(replaced, ignore_errors=True)
-        _prune(root, keep)
-    _barrier(topo)
-    return final
+
+def _collect_manifests(tmp: Path, world: int) -> dict[str, str]:
+    """Every rank's reported file checksums, merged; the manifests are removed."""
+    files: dict[str, str] = {}
+    for r in range(world):
+        manifest = tmp / f"manifest_rank{r}.json"
+        files.update(json.loads(manifest.read_text()))
+        manifest.unlink()
+    return files
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -187,92 +198,18 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return
-    complete = sorted(complete_checkpoints(root), key=_step_of)
+    complete = sorted(complete_checkpoints(root), key=step_of)
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# --- finding and verifying --------------------------------------------------------------------------
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(
-        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-         and (p / "meta.json").is_file()),
-        key=_step_of,
-    )
-
-
-def read_meta(ckpt: str | Path) -> dict[str, Any]:
-    path = Path(ckpt) / "meta.json"
-    if not path.is_file():
-        raise CheckpointCorruptError(f"{str(path)!r} does not exist; {str(ckpt)!r} is not a complete checkpoint")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointCorruptError(f"{str(path)!r} is not valid JSON ({err.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointCorruptError(f"{str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
-
-
-def verify(ckpt: str | Path) -> dict[str, Any]:
-    """Check every file against its recorded sha256; raise naming the first bad file."""
-    ckpt = Path(ckpt)
-    meta = read_meta(ckpt)
-    for name, digest in sorted(meta["files"].items()):
-        path = ckpt / name
-        if not path.is_file():
-            raise CheckpointCorruptError(f"checkpoint file {str(path)!r} is missing")
-        actual = sha256_file(path)
-        if actual != digest:
-            raise CheckpointCorruptError(
-                f"checkpoint file {str(path)!r} fails its sha256 check (recorded {digest[:12]}..., found {actual[:12]}...)"
-            )
-    return meta
-
-
-def latest_valid(root: str | Path, log: bool = True) -> Path | None:
-    """The checkpoint `latest` names if it verifies, else the newest one that does."""
-    root = Path(root)
-    candidates = complete_checkpoints(root)
-    named = None
-    latest_file = root / LATEST
-    if latest_file.is_file():
-        try:
-            named = root / json.loads(latest_file.read_text())["dir"]
-        except (json.JSONDecodeError, KeyError):
-            named = None
-    order = ([named] if named is not None and named in candidates else []) + [c for c in reversed(candidates) if c != named]
-    for ckpt in order:
-        try:
-            verify(ckpt)
-            return ckpt
-        except CheckpointCorruptError as err:
-            if log:
-                print(f"checkpoint {ckpt.name} is unusable: {err}; falling back to an earlier one", flush=True)
-    return None
-
-
 # --- loading ------------------------------------------------------------------------------
-def _model_index(ckpt: Path) -> dict[str, list[tuple[Path, dict]]]:
-    """global name -> [(file, slice info)] over every model file of the checkpoint."""
-    index: dict[str, list[tuple[Path, dict]]] = {}
-    for path in sorted(ckpt.glob("model_pp*_tp*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            slices = json.loads(f.metadata()["slices"])
-        for gname, info in slices.items():
-            index.setdefault(gname, []).append((path, info))
-    return index
-
-
 @torch.no_grad()
 def load_model(ckpt: str | Path, model: nn.Module) -> None:
     """Fill this rank's parameters from a checkpoint saved at any layout, reading only the
     regions of the stored slices that overlap this rank's pieces."""
     ckpt = Path(ckpt)
-    index = _model_index(ckpt)
+    index = model_index(ckpt)
     for name, param, gname, piece in iter_pieces(model):
         if piece.length == 0:
             continue
@@ -333,103 +270,3 @@ def load_rng(ckpt: str | Path, topo: Topology, rng: RNGStreams | None, same_layo
     if rng is not None:
         rng.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("stream/")})
     return True
-
-
-@dataclass
-class Inspection:
-    meta: dict[str, Any]
-    tensors: dict[str, tuple[list[int], int]]  # global name -> (global shape, stored bytes)
-
-
-def inspect_checkpoint(ckpt: str | Path) -> Inspection:
-    """Metadata, verified checksums, and the global tensors with their shapes and bytes."""
-    ckpt = Path(ckpt)
-    meta = verify(ckpt)
-    tensors: dict[str, tuple[list[int], int]] = {}
-    for gname, entries in _model_index(ckpt).items():
-        nbytes = 0
-        for path, info in entries:
-            with safe_open(str(path), framework="pt") as f:
-                t = f.get_slice(gname)
-                shape = t.get_shape()
-                nbytes += int(torch.Size(shape).numel()) * torch.empty((), dtype=_dtype(t.get_dtype())).element_size()
-        tensors[gname] = (entries[0][1]["global_shape"], nbytes)
-    return Inspection(meta=meta, tensors=tensors)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}.get(name, torch.float32)
-
-
-# --- reading a checkpoint outside training (export, generation, import) ---------------------------
-def find_checkpoint(path: str | Path) -> Path:
-    """The verified checkpoint that `path` names: a ``step_NNNNNNN`` folder itself, or the
-    newest complete one in a checkpoints folder (``latest`` first) or a run folder."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint path {str(path)!r} does not exist")
-    if (path / "meta.json").is_file():
-        verify(path)
-        return path
-    for root in (path, path / "checkpoints"):
-        if complete_checkpoints(root):
-            found = latest_valid(root)
-            if found is None:
-                raise CheckpointCorruptError(f"no checkpoint under {str(root)!r} passes its checksums")
-            return found
-    raise UserError(
-        f"{str(path)!r} is not a checkpoint: give a step_NNNNNNN folder, a checkpoints folder or a run folder"
-    )
-
-
-def full_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """Every global model tensor of a checkpoint, whole, reassembled from the slices of
-    whatever (tp, pp) layout wrote it, in the stored dtype (one process, no groups)."""
-    ckpt = Path(ckpt)
-    out: dict[str, torch.Tensor] = {}
-    for gname, entries in _model_index(ckpt).items():
-        covered = 0
-        for path, info in entries:
-            with safe_open(str(path), framework="pt") as f:
-                part = f.get_tensor(gname)
-            if gname not in out:
-                out[gname] = torch.empty(info["global_shape"], dtype=part.dtype)
-            out[gname].narrow(info["dim"], info["start"], info["length"]).copy_(part)
-            covered += info["length"]
-        if covered != out[gname].shape[entries[0][1]["dim"]]:
-            raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r} covers {covered} rows of {gname!r}, not all of it")
-    return out
-
-
-def find_tokenizer(ckpt: str | Path, meta: dict[str, Any] | None = None) -> Path | None:
-    """The tokenizer a checkpoint was trained with, or None when it cannot be found.
-
-    The run records the path it used (``tokenizer`` in meta.json, else the config's
-    ``data.tokenizer``), often relative to where training ran; so that path is tried as
-    given, then relative to the checkpoint, its checkpoints folder and its run folder,
-    and finally a ``tokenizer.model``/``tokenizer.json`` lying in one of those folders.
-    """
-    ckpt = Path(ckpt)
-    meta = meta if meta is not None else read_meta(ckpt)
-    recorded = [meta.get("tokenizer"), (meta.get("config") or {}).get("data", {}).get("tokenizer")]
-    folders = [ckpt, ckpt.parent, ckpt.parent.parent]
-    candidates: list[Path] = []
-    for name in (r for r in recorded if r):
-        p = Path(name)
-        candidates += [p] if p.is_absolute() else [p] + [folder / p for folder in folders]
-    candidates += [folder / f for folder in folders for f in ("tokenizer.model", "tokenizer.json")]
-    return next((c for c in candidates if c.exists()), None)
-
-
-def model_config(meta: dict[str, Any]) -> "ModelConfig":
-    """The `ModelConfig` a checkpoint was saved with (``config.model`` of its meta.json)."""
-    from trident.model.config import ModelConfig
-
-    saved = (meta.get("config") or {}).get("model")
-    if not isinstance(saved, dict):
-        raise CheckpointCorruptError("meta.json records no model config (config.model)")
-    known = {f for f in ModelConfig.__dataclass_fields__}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        raise UserError(f"the checkpoint's model config has fields this trident does not know: {', '.join(unknown)}")
-    return ModelConfig(**saved).validate()

@@ -10,7 +10,9 @@ fresh optimizer state (fp32 master = the imported weights, zero moments) and the
 streams, so the trainer resumes from it and `load_model` reshards it at any layout. The
 tokenizer files go next to the step folders (``OUT/tokenizer.model`` or
 ``OUT/tokenizer.json``), where pruning old checkpoints never deletes them, and
-meta.json records their path.
+meta.json records their path. Its `RunState` is that of a run about to take its first
+step, with a run config of just the sections a reader needs: ``model`` (what a resuming
+trainer checks its own model against) and ``data`` (the tokenizer and a sequence length).
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ from pathlib import Path
 
 import torch
 
+from trident.checkpoint.checkpoint import save_checkpoint
+from trident.checkpoint.hf import export_hf, hf_architecture, import_hf
+from trident.checkpoint.hf_files import DEFAULT_MAX_SHARD_BYTES
+from trident.checkpoint.offline import find_tokenizer, full_tensors
+from trident.checkpoint.state import RunState, read_state
+from trident.checkpoint.store import complete_checkpoints, find_checkpoint
 from trident.errors import UserError
 from trident.model.config import ModelConfig
-from trident.checkpoint import checkpoint as ckpt
-from trident.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, export_hf, hf_architecture, import_hf
+from trident.model.stage import build_stage
+from trident.parallel.random import RNGStreams
+from trident.parallel.tensor.sharding import load_full
+from trident.parallel.topology import Topology
+from trident.parallel.zero.mixed_precision import MixedPrecisionConfig
+from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
 
 @dataclass
@@ -47,20 +59,20 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export a trident checkpoint (a step folder, a checkpoints folder or a run folder) as
     a Hugging Face folder. `tokenizer` overrides the one the checkpoint records."""
-    path = ckpt.find_checkpoint(checkpoint)
-    meta = ckpt.read_meta(path)
-    cfg = ckpt.model_config(meta)
+    path = find_checkpoint(checkpoint)
+    state = read_state(path)
+    cfg = state.model_config()
     arch = hf_architecture(cfg)  # refuse an unrepresentable model before reading any tensor
     tok: Path | None = None
     if with_tokenizer:
-        tok = Path(tokenizer) if tokenizer is not None else ckpt.find_tokenizer(path, meta)
+        tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(path, state)
         if tok is None or not tok.exists():
-            recorded = tokenizer if tokenizer is not None else meta.get("tokenizer")
+            recorded = tokenizer if tokenizer is not None else state.tokenizer
             raise UserError(
                 f"the tokenizer of {str(path)!r} (recorded as {str(recorded)!r}) was not found; "
                 "pass --tokenizer PATH, or --no-tokenizer to export the weights alone"
             )
-    out = export_hf(cfg, ckpt.full_tensors(path), output, tokenizer_path=tok, max_shard_bytes=max_shard_bytes,
+    out = export_hf(cfg, full_tensors(path), output, tokenizer_path=tok, max_shard_bytes=max_shard_bytes,
                     dtype=dtype)
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     return ExportResult(checkpoint=path, output=out, architecture=arch, tokenizer=tok, files=files)
@@ -85,18 +97,10 @@ def import_checkpoint(hf_dir: str | os.PathLike, output: str | os.PathLike, seed
     or `trident export` at it, or name it ``RUN_DIR/checkpoints`` and `trident train
     --run-dir RUN_DIR --resume` (with the same model config) trains on from it.
     """
-    from trident.parallel.random import RNGStreams
-    from trident.parallel.tensor.sharding import load_full
-    from trident.parallel.topology import Topology
-    from trident.training.config import Config, DataSection
-    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig
-    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.parallel.pipeline.executor import build_stage
-
     hf_path, out_root = Path(hf_dir), Path(output)
     if out_root.exists() and not out_root.is_dir():
         raise UserError(f"--output {str(out_root)!r} is a file; give a folder for the checkpoint")
-    if ckpt.complete_checkpoints(out_root):
+    if complete_checkpoints(out_root):
         raise UserError(f"--output {str(out_root)!r} already holds checkpoints; give an empty or new folder")
     cfg, tensors = import_hf(hf_path)
     topo = Topology.single()
@@ -109,18 +113,15 @@ def import_checkpoint(hf_dir: str | os.PathLike, output: str | os.PathLike, seed
     optimizer = DistributedOptimizer(model, topo, OptimizerConfig(zero=0), MixedPrecisionConfig())
     out_root.mkdir(parents=True, exist_ok=True)
     tok = _copy_tokenizer(hf_path, out_root)
-    run = Config(model=cfg, data=DataSection(tokenizer=str(tok) if tok else None, seq_len=min(256, cfg.max_seq_len)))
-    state = {
-        "consumed_samples": 0,
-        "scheduler": {"steps_taken": 0},
-        "loss_scaler": optimizer.scaler.state_dict(),
-        "early_stopping": {"best_val": None, "evals_without_improvement": 0},
-        "seed": seed,
-        "tokenizer": str(tok) if tok else None,
-        "config": run.to_dict(),
-        "imported_from": str(hf_path.resolve()),
-    }
-    return ckpt.save_checkpoint(out_root, 0, topo, model, optimizer, RNGStreams(seed, topo), state, keep=0)
+    tokenizer = str(tok) if tok else None
+    state = RunState(  # a run about to take its first step: no samples consumed, no schedule steps
+        loss_scaler=optimizer.scaler.state_dict(),
+        seed=seed,
+        tokenizer=tokenizer,
+        config={"model": cfg.to_dict(), "data": {"tokenizer": tokenizer, "seq_len": min(256, cfg.max_seq_len)}},
+        imported_from=str(hf_path.resolve()),
+    )
+    return save_checkpoint(out_root, 0, topo, model, optimizer, RNGStreams(seed, topo), state, keep=0)
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from trident.data.tokenizer import load_tokenizer
 from trident.errors import UserError
 
 
@@ -145,8 +146,6 @@ def sentencepiece_to_tokenizer_json(model_path: str) -> str:
 
 def export_tokenizer(tokenizer_path: str, out_dir: Path, max_len: int) -> dict[str, int | None]:
     """Write the tokenizer files into `out_dir`; returns the special ids (for config.json)."""
-    from trident.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer_path)
     ids = {"bos": tok.bos_id, "eos": tok.eod_id, "pad": tok.pad_id, "unk": tok.unk_id}
 

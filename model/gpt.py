@@ -1,5 +1,5 @@
 """A decoder-only transformer written with tensor-parallel layers, top to bottom:
-norms, positions, attention, MLP, block, model.
+MLP, block, model (norms in `norms`, positions, masks and attention in `attention`).
 
 At tp=1 every parallel layer is a plain layer and this reads as a single-device GPT. The
 model can also be built as one pipeline stage: a contiguous range of layers, with the
@@ -12,28 +12,28 @@ sequence parallelism shards it; ``heads/tp`` and ``kv/tp`` are this rank's heads
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trident.errors import UserError
+from trident.model.attention import Attention, AttentionInputs, KVCache, alibi_slopes, document_positions, rope_tables
 from trident.model.config import ModelConfig
-from trident.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
-from trident.parallel.tensor.layers import (
-    Block,
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    mark_tp_partial_grad,
-)
-from trident.parallel.tensor.mappings import gather_from_tp, scatter_to_sp
+from trident.model.norms import make_norm
 from trident.parallel.random import REPLICATED, TP, RNGStreams
 from trident.parallel.recompute import checkpoint
-from trident.parallel.tensor.sharding import Piece, init_parameters, set_pieces
+from trident.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from trident.parallel.tensor.layers import Block, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from trident.parallel.tensor.mappings import gather_from_tp, scatter_to_sp
+from trident.parallel.tensor.sharding import (
+    Piece,
+    init_parameters,
+    mark_pipeline_tied,
+    mark_tp_partial_grad,
+    set_pieces,
+)
 from trident.parallel.topology import Topology
-
 
 # Activation recomputation in training (`trident.parallel.recompute`): none keeps every
 # activation; selective rebuilds each attention core (QK-norm, RoPE, QK^T, softmax,
@@ -41,214 +41,6 @@ from trident.parallel.topology import Topology
 # input and rebuilds the whole block. Dropout masks replay exactly (the RNG streams are
 # restored for the recomputation), so the step is the same in every mode.
 RECOMPUTE = ("none", "selective", "full")
-
-
-# --- norms ---------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., dim]  ->  same. torch's fused kernel keeps the statistics in fp32 whatever
-        # the compute dtype (bitwise what an explicit fp32 upcast gives, in fp32 and bf16)
-        # without saving fp32 copies of x for backward, and is ~2x faster on CPU.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class LayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, bias: bool, device=None, dtype=None) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., dim]
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), bias, self.eps).to(x.dtype)
-
-
-def make_norm(cfg: ModelConfig, dim: int, partial_grad: bool, device=None, dtype=None) -> nn.Module:
-    norm = (
-        RMSNorm(dim, cfg.norm_eps, device, dtype)
-        if cfg.norm == "rmsnorm"
-        else LayerNorm(dim, cfg.norm_eps, cfg.bias, device, dtype)
-    )
-    if partial_grad:
-        for p in norm.parameters():
-            mark_tp_partial_grad(p)
-    return norm
-
-
-# --- positions -----------------------------------------------------------------------------
-def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [max_seq_len, head_dim], in the rotate-half layout (as Hugging Face Llama)."""
-    half = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float64, device=device) / half))
-    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [b, heads, s, head_dim]; cos, sin: [b, 1, s, head_dim]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Per-head ALiBi slopes (Press et al. 2022), including the non-power-of-two rule."""
-
-    def powers(n: int) -> list[float]:
-        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
-        return [start ** (i + 1) for i in range(n)]
-
-    closest = 2 ** math.floor(math.log2(n_heads))
-    slopes = powers(closest)
-    if closest < n_heads:
-        slopes += powers(2 * closest)[0::2][: n_heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
-def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Position of each token within its own document (resets at every boundary)."""
-    # doc_ids: [b, s], non-decreasing along s  ->  [b, s]
-    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - start_idx
-
-
-@dataclass
-class AttentionInputs:
-    """What every layer's attention needs, built once per forward by the model."""
-
-    cos: torch.Tensor | None  # [b, 1, s, head_dim] (RoPE)
-    sin: torch.Tensor | None
-    mask: torch.Tensor | None  # additive [b or 1, 1 or heads/tp, s, s_kv]; None = causal
-    start_pos: int = 0  # tokens already in the KV cache
-
-
-class KVCache:
-    """Keys and values of this rank's kv heads for incremental decoding, one pair per layer."""
-
-    def __init__(self, layers: list[int], batch: int, max_len: int, kv_local: int, head_dim: int, device, dtype):
-        shape = (batch, kv_local, max_len, head_dim)
-        self.k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
-        self.v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layers}
-        self.max_len = max_len
-        self.length = 0  # tokens cached so far; the model advances it after each forward
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: [b, kv/tp, s_new, head_dim] -> cached [b, kv/tp, start + s_new, head_dim]
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-# --- attention -----------------------------------------------------------------------------
-class Attention(nn.Module):
-    """Multi-head, grouped-query or multi-query attention over this rank's heads.
-
-    Query heads are split over tp. Key/value heads are split too when tp divides them;
-    when there are fewer kv heads than tp ranks, each kv head is replicated on the
-    tp/kv ranks whose query heads use it, and its gradient is summed over those ranks.
-    """
-
-    def __init__(
-        self, cfg: ModelConfig, topo: Topology, layer: int, sp: bool, rng: RNGStreams | None, device, dtype,
-        recompute_core: bool = False,
-    ):
-        super().__init__()
-        tp, r, hd = topo.tp, topo.tp_rank, cfg.head_dim
-        self.layer, self.rng, self.head_dim = layer, rng, hd
-        self.recompute_core = recompute_core  # selective recomputation: rebuild the core in backward
-        self.heads = cfg.n_heads // tp
-        replicas = 1
-        if cfg.kv_heads % tp == 0:
-            self.kv_heads, kv_start, kv_group = cfg.kv_heads // tp, r * (cfg.kv_heads // tp), None
-        else:  # fewer kv heads than ranks: replicate
-            replicas = tp // cfg.kv_heads
-            self.kv_heads, kv_start, kv_group = 1, r // replicas, topo.tp_block_group(replicas)
-        blocks = [
-            Block("q", cfg.n_heads * hd, r * self.heads * hd, self.heads * hd),
-            Block("k", cfg.kv_heads * hd, kv_start * hd, self.kv_heads * hd, kv_group, replicas),
-            Block("v", cfg.kv_heads * hd, kv_start * hd, self.kv_heads * hd, kv_group, replicas),
-        ]
-        kw = {"device": device, "dtype": dtype}
-        self.qkv = ColumnParallelLinear(cfg.hidden, blocks, topo, bias=cfg.bias, sequence_parallel=sp, std=cfg.init_std, **kw)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.proj = RowParallelLinear(cfg.hidden, cfg.hidden, topo, bias=cfg.bias, sequence_parallel=sp, std=out_std, **kw)
-        # QK-norm weights are shared by all heads; each rank sees only its heads' share
-        self.q_norm = make_norm(cfg, hd, topo.tp > 1, **kw) if cfg.qk_norm else None
-        self.k_norm = make_norm(cfg, hd, topo.tp > 1, **kw) if cfg.qk_norm else None
-        self.dropout = cfg.attention_dropout
-
-    def forward(self, x: torch.Tensor, att: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
-        # x: [b, s(/tp), hidden]  ->  [b, s(/tp), hidden]
-        qkv = self.qkv(x)  # [b, s, (heads + 2 kv)/tp * head_dim]
-        b, s, _ = qkv.shape
-        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
-        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [b, heads/tp, s, hd]
-        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, kv/tp, s, hd]
-        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.recompute_core and self.training and cache is None:
-            # q, k, v are views of one tensor, so only `qkv` (and the shared tables) is kept
-            out = checkpoint(self.core, q, k, v, att.cos, att.sin, att.mask, rng=self.rng)
-        else:
-            out = self.core(q, k, v, att.cos, att.sin, att.mask, cache, att.start_pos)  # [b, s, heads/tp * hd]
-        return self.proj(out)
-
-    def core(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-    ) -> torch.Tensor:
-        """QK-norm, RoPE, then softmax(QK^T / sqrt(d) + mask) with dropout, times V.
-
-        Everything between the qkv and the output projection: the part that selective
-        recomputation rebuilds in backward. It costs few FLOPs (no weight matmul) but
-        holds most of a layer's saved tensors (normed and rotated q and k, repeated k and
-        v, the attention output and statistics, or the s x s probabilities and dropout
-        mask on the unfused path), while its inputs are views of one tensor.
-        """
-        # q: [b, heads/tp, s, hd]; k, v: [b, kv/tp, s, hd]; cos, sin: [b, 1, s, hd]  ->  [b, s, heads/tp * hd]
-        b, _, s, _ = q.shape
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, start_pos)  # [b, kv/tp, s_kv, hd]
-        if self.kv_heads != self.heads:
-            group = self.heads // self.kv_heads
-            k = k.repeat_interleave(group, dim=1)  # [b, heads/tp, s_kv, hd]
-            v = v.repeat_interleave(group, dim=1)
-        p = self.dropout if self.training else 0.0
-        with self.rng.fork(TP) if (p > 0 and self.rng is not None) else _nullcontext():
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None
-            )  # [b, heads/tp, s, hd]
-        return out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)  # [b, s, heads/tp * hd]
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --- MLP -----------------------------------------------------------------------------------
@@ -377,6 +169,8 @@ class GPT(nn.Module):
         # keeps the two copies equal by summing their gradients).
         if first_stage or (last_stage and cfg.tie_embeddings):
             self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, topo, **emb_kw)
+            if cfg.tie_embeddings and not (first_stage and last_stage):
+                mark_pipeline_tied(self.embedding.weight, duplicate=not first_stage)
         if first_stage and cfg.position == "learned":
             self.pos_embedding = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.hidden, **kw))
             shape = (cfg.max_seq_len, cfg.hidden)

@@ -62,15 +62,14 @@ def tiny_model(cfg: ModelConfig, seed: int = 0, noise: float = 0.05) -> GPT:
 def write_checkpoint(model: GPT, root: Path, tokenizer: str | None, step: int = 1) -> Path:
     """`model` saved as a training run would save it (tp = pp = dp = 1)."""
     from trident.parallel.random import RNGStreams
-    from trident.checkpoint.checkpoint import save_checkpoint
+    from trident.checkpoint.checkpoint import RunState, save_checkpoint
     from trident.training.config import Config, DataSection
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
     topo = model.topo
     opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=0))
     run = Config(model=model.cfg, data=DataSection(tokenizer=tokenizer, seq_len=32))
-    state = {"consumed_samples": 0, "scheduler": {"steps_taken": 0}, "loss_scaler": opt.scaler.state_dict(),
-             "tokenizer": tokenizer, "config": run.to_dict()}
+    state = RunState(loss_scaler=opt.scaler.state_dict(), tokenizer=tokenizer, config=run.to_dict())
     path = save_checkpoint(root, step, topo, model, opt, RNGStreams(0, topo), state, keep=0)
     opt.buffer.remove_hooks()
     return path

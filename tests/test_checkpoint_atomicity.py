@@ -17,7 +17,7 @@ from trident.model.config import PRESETS
 from trident.parallel.topology import Topology
 from trident.checkpoint import checkpoint as ckpt
 from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-from trident.parallel.pipeline.executor import build_stage
+from trident.model.stage import build_stage
 
 
 class Crash(RuntimeError):
@@ -39,7 +39,7 @@ def _count_steps(monkeypatch, root, topo, model, opt) -> int:
         monkeypatch.setattr(ckpt, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     real_replace = ckpt.os.replace
     monkeypatch.setattr(ckpt.os, "replace", lambda *a, **k: (calls.append(1), real_replace(*a, **k))[1])
-    ckpt.save_checkpoint(root, 99, topo, model, opt, None, {"consumed_samples": 0})
+    ckpt.save_checkpoint(root, 99, topo, model, opt, None, ckpt.RunState(consumed_samples=0))
     monkeypatch.undo()
     return len(calls)
 
@@ -50,7 +50,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path,
     assert n_steps >= 6  # model, optimizer and rng files, a manifest, meta.json, rename, latest
     for crash_at in range(n_steps):
         root = tmp_path / f"crash{crash_at}"
-        ckpt.save_checkpoint(root, 1, topo, model, opt, None, {"consumed_samples": 8})
+        ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)  # step 2's weights differ from step 1's
@@ -68,7 +68,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path,
             monkeypatch.setattr(ckpt, name, maybe_crash(getattr(ckpt, name)))
         monkeypatch.setattr(ckpt.os, "replace", maybe_crash(ckpt.os.replace))
         with pytest.raises(Crash):
-            ckpt.save_checkpoint(root, 2, topo, model, opt, None, {"consumed_samples": 16})
+            ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
         monkeypatch.undo()
 
         found = ckpt.latest_valid(root, log=False)
@@ -77,9 +77,9 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path,
             assert found is not None and found.name == "step_0000002", crash_at
         else:
             assert latest["step"] == 1 and found is not None and found.name == "step_0000001", crash_at
-            assert ckpt.read_meta(found)["consumed_samples"] == 8
+            assert ckpt.read_state(found).consumed_samples == 8
         # the newest usable checkpoint loads, and a later save clears what the crash left
-        ckpt.save_checkpoint(root, 3, topo, model, opt, None, {"consumed_samples": 24}, keep=1)
+        ckpt.save_checkpoint(root, 3, topo, model, opt, None, ckpt.RunState(consumed_samples=24), keep=1)
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"], crash_at
         with torch.no_grad():
             for p in model.parameters():
@@ -94,12 +94,12 @@ def _save_twice_rank1_dies_in_the_second(root: str) -> None:
     model = build_stage(PRESETS["tiny"], topo)
     model.init_weights(0)
     opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=1))
-    ckpt.save_checkpoint(root, 1, topo, model, opt, None, {"consumed_samples": 8})
+    ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
     if topo.rank == 1:
         def die(path, obj):
             raise Crash("rank 1 dies between writing its files and reporting them")
         ckpt._write_json_atomic = die
-    ckpt.save_checkpoint(root, 2, topo, model, opt, None, {"consumed_samples": 16})
+    ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
 
 
 def test_a_save_interrupted_between_ranks_leaves_latest_on_the_previous_checkpoint(dist_pool, tmp_path):
@@ -112,6 +112,6 @@ def test_a_save_interrupted_between_ranks_leaves_latest_on_the_previous_checkpoi
     assert not (root / "step_0000002").exists() and (root / "step_0000002.tmp").is_dir()
     found = ckpt.latest_valid(root, log=False)
     assert found is not None and found.name == "step_0000001"  # complete and verified
-    assert set(ckpt.read_meta(found)["files"]) == {
+    assert set(ckpt.read_state(found).files) == {
         "model_pp0_tp0.safetensors", "optim_rank0.safetensors", "optim_rank1.safetensors",
         "rng_rank0.safetensors", "rng_rank1.safetensors"}

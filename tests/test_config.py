@@ -16,20 +16,35 @@ from trident.training.metrics import flops_per_token
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo", "gpt2-124m", "llama-1b", "llama-8b"])
-def test_presets_load_and_validate(name):
+@pytest.mark.parametrize(
+    "name, params, steps, tokens_per_step",
+    [
+        ("demo", 1_311_872, 300, 16 * 128),
+        ("gpt2-124m", 124_439_808, 19_073, 512 * 1024),  # nanoGPT's run: ~0.5M tokens a step, 10B in all
+        ("llama-1b", 1_235_814_400, 100_000, 512 * 4096),
+        ("llama-8b", 8_030_261_248, 100_000, 1024 * 8192),
+    ],
+)
+def test_presets_load_and_validate(name, params, steps, tokens_per_step):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg.train.steps > 0 and cfg.data.seq_len <= cfg.model.max_seq_len
+    assert cfg.model.num_parameters() == params  # the model the file is named after
+    derived = derive(cfg, cfg.parallel.tp * cfg.parallel.pp)
+    assert (cfg.train.steps, derived.dp, derived.tokens_per_step) == (steps, 1, tokens_per_step)
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
 
 
 def test_demo_divides_for_every_layout_up_to_4():
-    cfg = load_config(CONFIGS / "demo.yaml")
+    cfg = load_config(CONFIGS / "demo.yaml")  # global batch 16, micro batch 4, seq 128
+    layouts = 0
     for tp in (1, 2, 4):
         for pp in (1, 2, 4):
             for dp in (1, 2, 4):
                 if tp * pp * dp <= 16:
                     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp = tp, pp, dp
-                    derive(cfg, tp * pp * dp)
+                    d = derive(cfg, tp * pp * dp)
+                    assert (d.dp, d.microbatches, d.tokens_per_step) == (dp, 4 // dp, 16 * 128), (tp, pp, dp)
+                    layouts += 1
+    assert layouts == 27 - 4  # all but the three layouts of 32 ranks and the one of 64
 
 
 def test_overrides_are_typed_and_applied():

@@ -10,21 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import trident
 from hf_helpers import CONFIGS, one_thread, tiny_model, tokenizer, write_checkpoint  # noqa: F401 (fixtures)
+
 from trident.errors import UserError
-from trident.inference.generate import (
-    SamplingConfig,
-    accept_greedy,
-    accept_sampled,
-    generate,
-    generate_from_checkpoint,
-    generate_text,
-    load_model,
-    probabilities,
-    speculative_generate,
-)
+from trident.inference.generate import generate, generate_from_checkpoint, generate_text, load_model
+from trident.inference.sampling import SamplingConfig, probabilities
+from trident.inference.speculative import accept_greedy, accept_sampled, speculative_generate
 
 GREEDY = SamplingConfig(max_new_tokens=24, greedy=True, stop_at_eod=False)
 PROMPT = [5, 77, 300, 12, 9, 41]
@@ -165,9 +157,9 @@ def test_text_from_a_checkpoint(checkpoints, tokenizer):
 # --- tensor parallel (2 gloo ranks) ---------------------------------------------------------------
 def _tp2_generate(target: str, draft: str, out: str) -> dict:
     """Generate at tp=2 from a tp=1 checkpoint; save the model at tp=2 for the reverse check."""
+    from trident.checkpoint.checkpoint import RunState, save_checkpoint
     from trident.parallel.random import RNGStreams
     from trident.parallel.topology import Topology
-    from trident.checkpoint.checkpoint import save_checkpoint
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
     topo = Topology.from_initialized(tp=2)
@@ -180,7 +172,7 @@ def _tp2_generate(target: str, draft: str, out: str) -> dict:
     }
     model, meta = load_model(target, topo)
     opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=0))
-    state = {"tokenizer": meta["tokenizer"], "config": meta["config"], "consumed_samples": 0}
+    state = RunState(tokenizer=meta["tokenizer"], config=meta["config"])
     save_checkpoint(out, 1, topo, model, opt, RNGStreams(0, topo), state)
     return result
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from equivalence import gather_checked
 from hf_helpers import CONFIGS, one_thread, tiny_model, tokenizer, write_checkpoint  # noqa: F401 (fixtures)
-from trident.errors import UserError
+
 from trident.checkpoint import checkpoint as ckpt
-from trident.checkpoint.hf import export_hf, import_hf, read_safetensors
+from trident.checkpoint.hf import export_hf, import_hf
 from trident.checkpoint.hf_checkpoint import export_checkpoint, import_checkpoint
+from trident.checkpoint.hf_files import read_safetensors
+from trident.errors import UserError
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed; the HF ground-truth checks need it (pip install '.[test]')"
@@ -209,9 +210,9 @@ def _load_imported_at_tp2_and_pp2(step: str, variant: str) -> dict:
     from hf_helpers import CONFIGS
 
     from trident.model.gpt import GPT
+    from trident.model.stage import build_stage
     from trident.parallel.tensor.sharding import global_shapes
     from trident.parallel.topology import Topology
-    from trident.parallel.pipeline.executor import build_stage
 
     cfg = CONFIGS[variant]
     stored = ckpt.full_tensors(step)

@@ -35,7 +35,7 @@ def _model():
 
 
 def _settings(layout: tuple[int, int, int], case: dict):
-    from trident.planning.planner import Settings
+    from trident.planning.plan import Settings
 
     tp, pp, dp = layout
     return Settings(
@@ -49,14 +49,15 @@ def _measure(layout: list[int], cases: list[dict]) -> list[dict]:
     """Every case at one layout on this rank: measured report and the planner's prediction."""
     import torch
 
+    from trident.model.stage import build_stage
+    from trident.parallel.pipeline.executor import run_pipeline
     from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.random import RNGStreams
     from trident.parallel.topology import Topology
-    from trident.training.memory import ActivationMeter, rank_memory
     from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.parallel.pipeline.executor import build_stage, run_pipeline
     from trident.planning.planner import make_plan
+    from trident.training.memory import ActivationMeter, rank_memory
 
     tp, pp, dp = layout
     topo = Topology.single() if tp * pp * dp == 1 else Topology.from_initialized(tp=tp, pp=pp)
@@ -143,7 +144,8 @@ def test_memory_record_carries_every_rank(dist_pool):
 
 def test_plan_arithmetic_and_errors():
     from trident.errors import UserError
-    from trident.planning.planner import make_plan, parse_bytes, search
+    from trident.planning.devices import parse_bytes
+    from trident.planning.planner import make_plan, search
 
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80GiB") == 80 * 2**30
     assert parse_bytes("512 MB") == 512 * 10**6 and parse_bytes("1.5TB") == 1.5e12
@@ -178,9 +180,9 @@ def test_plan_arithmetic_and_errors():
 
 
 def test_plan_command(capsys):
-    from trident.tools.cli import main
-
     from cli_helpers import CONFIG
+
+    from trident.tools.cli import main
 
     assert main(["plan", "--config", str(CONFIG), "--tp", "2", "--pp", "2", "--dp", "2", "--device-memory", "80GB"]) == 0
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
 """The model on its own: configs, user errors, KV-cache decoding, packed documents, presets,
-the vocabulary-parallel loss, and the dropout streams."""
+the dropout streams, and the plain PyTorch reference model the benchmarks compare against."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from equivalence import VARIANTS, rel_err
+from equivalence import VARIANTS, gather_checked, rel_err
 from trident.errors import UserError
-from trident.model.config import ModelConfig, preset
+from trident.model.config import PRESETS, ModelConfig, preset
 from trident.model.gpt import GPT, document_positions
-from trident.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from trident.model.reference import ReferenceGPT
+from trident.model.stage import build_stage
 from trident.parallel.topology import Topology
 
 
@@ -41,9 +41,23 @@ def test_config_errors_name_the_values(overrides, tp, words):
     assert words in str(info.value)
 
 
-def test_kv_heads_replicated_when_they_divide_tp():
-    preset("tiny", n_heads=8, n_kv_heads=2).check_tp(4)  # 2 kv heads on 4 ranks: replicated
-    preset("tiny", n_heads=8, n_kv_heads=1).check_tp(4)  # multi-query
+def test_kv_heads_are_split_or_replicated_never_cut():
+    """kv heads are split when tp divides them and replicated when they divide tp; any
+    other pair would cut a head's rows across ranks and is refused."""
+    sizes = (1, 2, 3, 4, 6, 12)
+    accepted = set()
+    for kv in sizes:
+        for tp in sizes:
+            cfg = preset("tiny", n_heads=12, n_kv_heads=kv, hidden=96, ffn_hidden=144)
+            try:
+                assert cfg.check_tp(tp) is cfg
+                accepted.add((kv, tp))
+            except UserError as err:
+                assert f"model.n_kv_heads={kv} is neither divisible by tp={tp} nor a divisor of it" in str(err)
+    assert {(2, 4), (1, 4), (1, 12), (3, 6)} <= accepted  # replicated (1 = multi-query)
+    assert {(4, 2), (12, 4), (6, 3)} <= accepted  # split
+    assert {(2, 3), (3, 2), (4, 6), (6, 4), (3, 4), (4, 3)}.isdisjoint(accepted)
+    assert accepted == {(kv, tp) for kv in sizes for tp in sizes if kv % tp == 0 or tp % kv == 0}
 
 
 def test_input_errors_are_clear():
@@ -110,27 +124,6 @@ def test_presets_have_the_published_sizes(name, expected):
 
     total = sum(torch.Size(s).numel() for s in global_shapes(model).values())
     assert total == expected
-
-
-def test_vocab_parallel_cross_entropy_matches_torch_with_padding_and_smoothing():
-    gen = torch.Generator().manual_seed(5)
-    vocab, padded = 50, 64
-    logits = torch.randn(3, 7, padded, generator=gen, requires_grad=True)
-    target = torch.randint(0, vocab, (3, 7), generator=gen)
-    for eps in (0.0, 0.1):
-        ours = vocab_parallel_cross_entropy(logits, target, 0, vocab, None, label_smoothing=eps)
-        ref = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab), target.reshape(-1), reduction="none", label_smoothing=eps)
-        assert rel_err(ours.reshape(-1), ref) < 1e-6
-        (g_ours,) = torch.autograd.grad(ours.sum(), logits)
-        (g_ref,) = torch.autograd.grad(ref.sum(), logits)
-        assert rel_err(g_ours, g_ref) < 1e-6
-        assert g_ours[..., vocab:].abs().max() == 0  # padding never gets gradient
-
-
-def test_padding_never_wins_even_when_its_logit_is_largest():
-    logits = torch.tensor([[-5.0, -6.0, 0.0, 0.0]])  # columns 2, 3 are padding
-    loss = vocab_parallel_cross_entropy(logits, torch.tensor([0]), 0, 2, None)
-    assert torch.allclose(loss, F.cross_entropy(logits[:, :2], torch.tensor([0]), reduction="none"))
 
 
 # --- distributed: dropout streams and the KV cache under tp ----------------------------------
@@ -200,3 +193,43 @@ def test_dropout_streams_and_kv_cache_under_tp(dist_pool):
         assert res["replay"] and res["fresh_differs"] and res["eval_differs"]
         assert res["streams_equal_across_tp"] == {"replicated": True, "tp": False}
         assert res["cache_err"] < 1e-5
+
+
+# --- the plain PyTorch reference of the benchmarks -------------------------------------------
+ARCHS = {
+    "llama-gqa-untied": {},
+    "gpt2-learned-gelu-tied": dict(norm="layernorm", position="learned", activation="gelu", bias=True,
+                                   tie_embeddings=True, n_kv_heads=None),
+    "post-norm": dict(norm_position="post", n_kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_model_is_the_same_function(arch):
+    """The benchmark's ratio compares like with like only if the reference computes what
+    trident computes: same loss and same gradients from the same weights."""
+    cfg = dataclasses.replace(PRESETS["tiny"], **ARCHS[arch])
+    model = build_stage(cfg, Topology.single("cpu"))
+    model.init_weights(3)
+    ref = ReferenceGPT(cfg)
+    ref.load_trident(gather_checked(model, None))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (2, 32), generator=g)
+    ours = model(tokens, labels).mean()
+    theirs = ref(tokens, labels)
+    ours.backward()
+    theirs.backward()
+    assert abs(ours.item() - theirs.item()) <= 1e-6 * abs(theirs.item())
+    grads = gather_checked(model, None, grads=True)
+    pairs = {"blocks.1.q.weight": "layers.1.attn.qkv.q.weight", "blocks.0.down.weight": "layers.0.mlp.proj.weight",
+             "blocks.0.norm1.weight": "layers.0.norm1.weight"}
+    mine = dict(ref.named_parameters())
+    for theirs_name, ours_name in pairs.items():
+        torch.testing.assert_close(mine[theirs_name].grad, grads[ours_name], rtol=1e-4, atol=1e-7)
+
+
+def test_reference_refuses_what_it_cannot_express():
+    cfg = dataclasses.replace(PRESETS["tiny"], position="alibi")
+    with pytest.raises(ValueError, match="no 'alibi' positions; it supports rope and learned"):
+        ReferenceGPT(cfg)

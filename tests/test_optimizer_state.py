@@ -45,7 +45,7 @@ def _build(cfg, tp: int, pp: int, zero: int, dtype: str, seed: int):
     from trident.parallel.topology import Topology
     from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.parallel.pipeline.executor import build_stage
+    from trident.model.stage import build_stage
 
     topo = Topology.from_initialized(tp=tp, pp=pp)
     model = build_stage(cfg, topo, dtype=parse_dtype(dtype))

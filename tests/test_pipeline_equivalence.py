@@ -63,7 +63,8 @@ def _global_batch(cfg, rows: int, packed: bool, seed: int) -> dict:
 def _bad_inputs(topos: dict) -> list[str]:
     """User errors raise one sentence on every rank before any transfer (no hang)."""
     from trident.errors import UserError
-    from trident.parallel.pipeline.executor import build_stage, run_pipeline
+    from trident.model.stage import build_stage
+    from trident.parallel.pipeline.executor import run_pipeline
 
     messages = []
     attempts = [
@@ -89,11 +90,13 @@ def _check_pipeline_equivalence() -> dict:
 
     from equivalence import gather_checked, rel_err
     from trident.model.gpt import GPT
-    from trident.parallel.tensor.mappings import all_reduce
+    from trident.parallel.collectives import all_reduce
     from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.tensor.sharding import global_shapes, pieces_of, tp_replicas
     from trident.parallel.topology import Topology
-    from trident.parallel.pipeline.executor import build_stage, is_pipeline_duplicate, run_pipeline
+    from trident.model.stage import build_stage
+    from trident.parallel.pipeline.executor import run_pipeline
+    from trident.parallel.tensor.sharding import is_pipeline_duplicate
 
     rank, world = dist.get_rank(), dist.get_world_size()
     topos = {(tp, pp): Topology.from_initialized(tp=tp, pp=pp) for tp, pp in LAYOUTS}

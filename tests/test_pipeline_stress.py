@@ -12,6 +12,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from trident.parallel.pipeline.schedule import one_f_one_b
+
 MICROBATCHES = 256
 SEQ = 8
 
@@ -34,7 +36,8 @@ def _stress(out_dir: str) -> dict:
     from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.tensor.sharding import global_shapes
     from trident.parallel.topology import Topology
-    from trident.parallel.pipeline.executor import build_stage, run_pipeline
+    from trident.model.stage import build_stage
+    from trident.parallel.pipeline.executor import run_pipeline
     from trident.parallel.pipeline.timeline import Timeline, gather_events, plot_gantt, write_chrome_trace
 
     topo = Topology.from_initialized(pp=4)
@@ -96,7 +99,13 @@ def test_many_microbatches_with_stalls_finish_and_trace(dist_pool, tmp_path):
         for cat in ("forward", "backward"):
             mbs = sorted(e["args"]["microbatch"] for e in spans if e["pid"] == stage and e["cat"] == cat)
             assert mbs == list(range(MICROBATCHES)), (stage, cat)
-    assert all(e["dur"] >= 0 for e in spans)
+    # each stage ran its own 1F1B list, one compute step at a time, in that order
+    for stage in range(4):
+        mine = sorted((e for e in spans if e["pid"] == stage and e["cat"] in ("forward", "backward")),
+                      key=lambda e: e["ts"])
+        assert [e["name"] for e in mine] == [str(s) for s in one_f_one_b(4, stage, MICROBATCHES)], stage
+        for a, b in zip(mine, mine[1:]):
+            assert b["ts"] >= a["ts"] + a["dur"] - 1e-3, (stage, a["name"], b["name"])  # 1 ns for float rounding
     # on one shared time axis, microbatch i reaches stage r+1 only after stage r is done
     # with it (slack for the clock alignment, which is as good as a barrier's exit)
     fwd = {(e["pid"], e["args"]["microbatch"]): e for e in spans if e["cat"] == "forward"}

@@ -59,7 +59,8 @@ def _step(cfg, topo, mode: str, sp: bool, packed: bool) -> dict:
 
     from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.random import RNGStreams
-    from trident.parallel.pipeline.executor import build_stage, run_pipeline
+    from trident.model.stage import build_stage
+    from trident.parallel.pipeline.executor import run_pipeline
 
     torch.manual_seed(0)
     rng = RNGStreams(1234, topo)

@@ -18,7 +18,7 @@ TOL = 1e-5
 def _check_variant(variant: str) -> list[str]:
     from trident.model.gpt import GPT
     from trident.parallel.tensor.layers import sync_tp_partial_grads
-    from trident.parallel.tensor.mappings import all_reduce
+    from trident.parallel.collectives import all_reduce
     from trident.parallel.tensor.sharding import local_grad_sq_norm
     from trident.parallel.topology import Topology
 
@@ -59,3 +59,41 @@ def _check_variant(variant: str) -> list[str]:
 def test_tp_matches_single_process(dist_pool, variant):
     checked = dist_pool.run(4, "test_tp_equivalence:_check_variant", timeout=240, variant=variant)
     assert len(checked[0]) == 2 * (1 + 2 + 2)  # packed x (tp1 + tp2 x sp + tp4 x sp)
+
+
+def _replica_check_catches_disagreement() -> dict:
+    """`gather_checked` passes on agreeing replicas and names a replica that differs by one
+    ulp, where the averaging `gather_full` alone would hide it."""
+    import torch
+
+    from equivalence import check_replicas_agree
+    from trident.model.config import preset
+    from trident.model.gpt import GPT
+    from trident.parallel.tensor.sharding import iter_pieces
+    from trident.parallel.topology import Topology
+
+    topo = Topology.from_initialized(tp=2)
+    model = GPT(preset("tiny", n_kv_heads=1), topo)  # one kv head: both tp ranks hold it
+    model.init_weights(0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    check_replicas_agree(model, topo.tp_group)
+    check_replicas_agree(model, topo.tp_group, grads=True)
+    messages = []
+    for gname, grads in (("layers.0.norm1.weight", False), ("layers.1.attn.qkv.k.weight", True)):
+        for _, param, name, piece in iter_pieces(model):
+            if name == gname and topo.tp_rank == 1:
+                target = (param.grad if grads else param).data.narrow(piece.dim, piece.local_start, piece.length)
+                target.view(-1)[3] = torch.nextafter(target.view(-1)[3], torch.tensor(float("inf")))
+        try:
+            check_replicas_agree(model, topo.tp_group, grads=grads)
+        except AssertionError as err:
+            messages.append(str(err))
+    return {"messages": messages}
+
+
+def test_replica_check_names_replicas_that_disagree(dist_pool):
+    for res in dist_pool.run(2, "test_tp_equivalence:_replica_check_catches_disagreement"):
+        norm, kv = res["messages"]
+        assert norm.startswith("replicas of layers.0.norm1.weight disagree before averaging: 1 of 64 replicated value")
+        assert kv.startswith("replicas of layers.1.attn.qkv.k.weight disagree before averaging: 1 of 512 replicated gradient")

@@ -80,7 +80,7 @@ def build(cfg, topo, zero: int, sp: bool = False, overlap: bool = True, dtype: s
     """This rank's stage of the model and its distributed optimizer."""
     from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.parallel.pipeline.executor import build_stage
+    from trident.model.stage import build_stage
 
     model = build_stage(cfg, topo, sequence_parallel=sp, dtype=parse_dtype(dtype))
     model.init_weights(0)
@@ -100,7 +100,7 @@ def train_step(model, opt, topo, data: dict, sp: bool = False, inject=None):
     """One optimizer step: the documented protocol at pp=1, the 1F1B executor at pp>1."""
     import torch
 
-    from trident.parallel.tensor.mappings import all_reduce
+    from trident.parallel.collectives import all_reduce
     from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.pipeline.executor import finalize_grads, run_pipeline
 

@@ -78,7 +78,7 @@ def test_fp16_inf_skips_everywhere(dist_pool):
         assert c["count_same"] and c["count_after"] == 2, (where, c)
         assert c["scale_after"] == c["scale_before"] / 2, (where, c)
         assert c["loss_finite"], where
-    assert error["error"] is not None and "inf/NaN" in error["error"] and "on_nonfinite" in error["error"]
+    assert error["error"] is not None and "inf/NaN" in error["error"] and "train.nonfinite=skip" in error["error"]
 
 
 def _bf16_tracks_fp32() -> dict:

@@ -30,7 +30,7 @@ def _tiny(**kw) -> GPT:
         (lambda: OptimizerConfig(zero=3).validate(), ["optim.zero", "3", "0, 1, 2"]),
         (lambda: OptimizerConfig(lr=-1.0).validate(), ["optim.lr", "-1.0"]),
         (lambda: OptimizerConfig(beta2=1.0).validate(), ["optim.beta2", "[0, 1)"]),
-        (lambda: OptimizerConfig(on_nonfinite="ignore").validate(), ["'ignore'", "skip", "error"]),
+        (lambda: DistributedOptimizer(_tiny(), Topology.single(), on_nonfinite="ignore"), ["'ignore'", "skip", "error"]),
         (lambda: parse_dtype("fp8"), ["'fp8'", "fp32", "bf16", "fp16"]),
         (lambda: MixedPrecisionConfig(backoff_factor=1.5).validate(), ["backoff_factor", "(0, 1)"]),
         (lambda: GradBuffer(_tiny(), Topology.single(), bucket_size=0), ["bucket size", "0"]),

@@ -13,7 +13,7 @@ The load reads files that were just written, so they usually come from the opera
 system's page cache: the figures then measure trident's own cost, not the disk. Drop
 the caches between the phases (or use --dir on another disk) for cold reads.
 
-Run it as ``trident bench checkpoint ...`` or ``python -m trident.tools.bench_checkpoint ...``.
+Run it as ``trident bench checkpoint ...``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import datetime
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,11 @@ from pathlib import Path
 GB = 1e9
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "checkpoint", help="checkpoint save and load GB/s for a model size and layout",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", default="gpt2-124m", help="model preset: tiny, gpt2-124m, llama-1b, llama-8b")
     parser.add_argument("--config", default=None, help="a training YAML whose model section is used (instead of --preset)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the saving job")
@@ -45,25 +48,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed saves and loads (the median is printed)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder, deleted after)")
     parser.add_argument("overrides", nargs="*", metavar="model.key=value", help="model overrides, e.g. model.n_layers=4")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("checkpoint", help="checkpoint save and load GB/s for a model size and layout")
-    _add_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trident bench checkpoint", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    from trident.errors import UserError
-
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"trident bench checkpoint: error: {err}", file=sys.stderr)
-        return 2
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -155,11 +140,11 @@ def _build(layout: tuple[int, int, int], config: dict, init: bool):
     import torch
 
     from trident.model.config import ModelConfig
+    from trident.model.stage import build_stage
     from trident.parallel.random import RNGStreams
     from trident.parallel.topology import Topology
     from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.parallel.pipeline.executor import build_stage
 
     tp, pp, dp = layout
     topo = Topology.from_initialized(tp=tp, pp=pp, dp=dp)
@@ -206,7 +191,7 @@ def _measure(layout: tuple[int, int, int], phase: str, config: dict) -> dict:
         dist.barrier()
         if phase == "save":
             path = timed("total", lambda: ckpt.save_checkpoint(root, i + 1, topo, model, opt, rng,
-                                                               {"consumed_samples": 0}, keep=0))
+                                                               ckpt.RunState(), keep=0))
             timed("optimizer state_dict", opt.state_dict)  # the part of a save spent gathering optimizer state
             if topo.rank == 0 and i > 0:  # outside the timing: keep one checkpoint on disk
                 shutil.rmtree(root / ckpt.step_dir_name(i))
@@ -262,6 +247,3 @@ def format_report(results: dict, config: dict, save: tuple, load: tuple, where: 
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

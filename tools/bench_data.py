@@ -9,10 +9,18 @@ from the preprocessed corpus. Nothing here is asserted: tests never time anythin
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
+import time
+from typing import Iterator
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="preprocessing MB/s by workers, index-build seconds, loader samples/s")
+    parser = subparsers.add_parser(
+        "data", help="preprocessing MB/s by workers, index-build seconds, loader samples/s",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="stdlib text to preprocess (MB)")
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1 and all cores)")
     parser.add_argument("--vocab-size", type=int, default=8000)
@@ -25,80 +33,100 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-    import time
+    cores = os.cpu_count() or 1
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, cores})
+    with _workdir(args.workdir) as workdir:
+        corpus = _write_corpus(workdir, args.corpus_mb, cores)
+        prefix = _bench_preprocess(corpus, workdir, workers, args.vocab_size)
+        _bench_index(int(args.index_docs), int(args.index_tokens), args.seq_len)
+        _bench_loader(prefix, workdir, args.seq_len, args.micro_batch)
+    return 0
 
-    import numpy as np
 
-    from trident.data.corpus import stdlib_sources, write_stdlib_corpus, stdlib_root
-    from trident.data.gpt_dataset import GPTDataset, build_indices
-    from trident.data.indexed import IndexedDataset
-    from trident.data.loader import DataLoader
+@contextlib.contextmanager
+def _workdir(keep: str | None) -> Iterator[str]:
+    """`keep` (created when missing), or a temporary folder deleted afterwards."""
+    if keep is not None:
+        os.makedirs(keep, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="trident-bench-data-") as tmp:
+        yield tmp
+
+
+def _write_corpus(workdir: str, corpus_mb: float, cores: int) -> str:
+    """The first stdlib files (sorted) up to `corpus_mb`, as JSONL: deterministic across machines."""
+    from trident.data.corpus import stdlib_root, stdlib_sources, write_stdlib_corpus
+
+    root, budget, chosen = stdlib_root(), corpus_mb * 1e6, []
+    for rel in stdlib_sources():
+        chosen.append(rel.as_posix())
+        budget -= (root / rel).stat().st_size
+        if budget <= 0:
+            break
+    corpus = os.path.join(workdir, "stdlib.jsonl")
+    stats = write_stdlib_corpus(corpus, include=chosen)
+    print(f"corpus: {stats.files} stdlib files, {stats.bytes / 1e6:.1f} MB; {cores} cores")
+    return corpus
+
+
+def _bench_preprocess(corpus: str, workdir: str, workers: list[int], vocab_size: int) -> str:
+    """Train a tokenizer, then time preprocessing at each worker count; the last output's prefix."""
     from trident.data.preprocess import preprocess
     from trident.data.sources import iter_texts
     from trident.data.tokenizer import train_sentencepiece
 
-    cores = os.cpu_count() or 1
-    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, cores})
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="trident-bench-data-")
-        workdir = tmp.name
-    else:
-        workdir = args.workdir
-        os.makedirs(workdir, exist_ok=True)
-    try:
-        # The first files (sorted) up to the requested size: deterministic across machines.
-        root, budget, chosen = stdlib_root(), args.corpus_mb * 1e6, []
-        for rel in stdlib_sources():
-            chosen.append(rel.as_posix())
-            budget -= (root / rel).stat().st_size
-            if budget <= 0:
-                break
-        corpus = os.path.join(workdir, "stdlib.jsonl")
-        stats = write_stdlib_corpus(corpus, include=chosen)
-        print(f"corpus: {stats.files} stdlib files, {stats.bytes / 1e6:.1f} MB; {cores} cores")
+    t = time.perf_counter()
+    model = train_sentencepiece(iter_texts([corpus]), os.path.join(workdir, "tok"), vocab_size, "bpe")
+    print(f"tokenizer: bpe vocab {vocab_size} trained in {time.perf_counter() - t:.1f} s")
 
-        t = time.perf_counter()
-        model = train_sentencepiece(iter_texts([corpus]), os.path.join(workdir, "tok"), args.vocab_size, "bpe")
-        print(f"tokenizer: bpe vocab {args.vocab_size} trained in {time.perf_counter() - t:.1f} s")
-
-        print("preprocess (workers=1 runs in process on sentencepiece's thread pool; N>1 are processes):")
-        prefix = ""
-        for n in workers:
-            prefix = os.path.join(workdir, f"stdlib_w{n}")
-            s = preprocess([corpus], prefix, model, workers=n, append_eod=True, progress=False)
-            print(
-                f"  workers={n}: {s.documents / s.seconds:8.0f} docs/s {s.text_bytes / s.seconds / 1e6:7.2f} MB/s "
-                f"{s.tokens / s.seconds / 1e6:6.2f} Mtok/s ({s.seconds:.2f} s, {s.tokens} tokens)"
-            )
-
-        n_docs, n_tokens = int(args.index_docs), int(args.index_tokens)
-        rng = np.random.default_rng(0)
-        mean = n_tokens / n_docs
-        lengths = rng.integers(1, int(2 * mean), size=n_docs, dtype=np.int32)  # [docs], mean ~ n_tokens/n_docs
-        t = time.perf_counter()
-        idx = build_indices(lengths, np.arange(n_docs, dtype=np.int32), args.seq_len, None, 1234)
-        secs = time.perf_counter() - t
+    print("preprocess (workers=1 runs in process on sentencepiece's thread pool; N>1 are processes):")
+    prefix = ""
+    for n in workers:
+        prefix = os.path.join(workdir, f"stdlib_w{n}")
+        s = preprocess([corpus], prefix, model, workers=n, append_eod=True, progress=False)
         print(
-            f"index build: {int(lengths.sum(dtype=np.int64)) / 1e9:.3f}e9 tokens, {n_docs:.0e} documents, "
-            f"seq_len {args.seq_len}: {secs:.2f} s for {len(idx['shuffle_index'])} samples"
+            f"  workers={n}: {s.documents / s.seconds:8.0f} docs/s {s.text_bytes / s.seconds / 1e6:7.2f} MB/s "
+            f"{s.tokens / s.seconds / 1e6:6.2f} Mtok/s ({s.seconds:.2f} s, {s.tokens} tokens)"
         )
+    return prefix
 
-        ds = GPTDataset(IndexedDataset(prefix), np.arange(len(IndexedDataset(prefix))), args.seq_len, seed=1234,
-                        eod_id=2, cache_dir=os.path.join(workdir, "cache"))
-        gb = args.micro_batch * 4
-        loader = DataLoader(ds, global_batch_size=gb, micro_batch_size=args.micro_batch)
-        t = time.perf_counter()
-        batches = sum(1 for _ in loader)
-        secs = time.perf_counter() - t
-        samples = batches * gb
-        print(
-            f"loader: {samples} samples of seq_len {args.seq_len} in {secs:.2f} s: {samples / secs:.0f} samples/s, "
-            f"{samples * args.seq_len / secs / 1e6:.1f} Mtok/s (micro batch {args.micro_batch}, prefetch thread)"
-        )
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return 0
+
+def _bench_index(n_docs: int, n_tokens: int, seq_len: int) -> None:
+    """Time the sample-index build over synthetic document lengths (no token file needed)."""
+    import numpy as np
+
+    from trident.data.gpt_dataset import build_indices
+
+    rng = np.random.default_rng(0)
+    mean = n_tokens / n_docs
+    lengths = rng.integers(1, int(2 * mean), size=n_docs, dtype=np.int32)  # [docs], mean ~ n_tokens/n_docs
+    t = time.perf_counter()
+    idx = build_indices(lengths, np.arange(n_docs, dtype=np.int32), seq_len, None, 1234)
+    secs = time.perf_counter() - t
+    print(
+        f"index build: {int(lengths.sum(dtype=np.int64)) / 1e9:.3f}e9 tokens, {n_docs:.0e} documents, "
+        f"seq_len {seq_len}: {secs:.2f} s for {len(idx['shuffle_index'])} samples"
+    )
+
+
+def _bench_loader(prefix: str, workdir: str, seq_len: int, micro_batch: int) -> None:
+    """Time the loader over packed samples of the preprocessed corpus at `prefix`."""
+    import numpy as np
+
+    from trident.data.gpt_dataset import GPTDataset
+    from trident.data.indexed import IndexedDataset
+    from trident.data.loader import DataLoader
+
+    ds = GPTDataset(IndexedDataset(prefix), np.arange(len(IndexedDataset(prefix))), seq_len, seed=1234,
+                    eod_id=2, cache_dir=os.path.join(workdir, "cache"))
+    gb = micro_batch * 4
+    loader = DataLoader(ds, global_batch_size=gb, micro_batch_size=micro_batch)
+    t = time.perf_counter()
+    batches = sum(1 for _ in loader)
+    secs = time.perf_counter() - t
+    samples = batches * gb
+    print(
+        f"loader: {samples} samples of seq_len {seq_len} in {secs:.2f} s: {samples / secs:.0f} samples/s, "
+        f"{samples * seq_len / secs / 1e6:.1f} Mtok/s (micro batch {micro_batch}, prefetch thread)"
+    )

@@ -7,22 +7,24 @@ the pipeline schedule for a few steps and prints the measured step time against 
 ideal (m+p-1)(tf+tb), the bubble (p-1)/(m+p-1), and the idle share measured from the
 last step's timeline; ``--trace DIR`` also writes that step's Chrome trace and Gantt PNG.
 
-Run it as ``trident bench pipeline ...`` or ``python -m trident.tools.bench_pipeline ...``.
+Run it as ``trident bench pipeline ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pipeline", help="pipeline schedule: measured step time vs (m+p-1)(tf+tb)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pp", type=int, default=4, help="pipeline stages (one local process each)")
     parser.add_argument("--microbatches", "-m", type=int, default=8, help="microbatches per step")
     parser.add_argument("--schedule", default="1f1b", help="1f1b or gpipe")
@@ -36,25 +38,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--trace", metavar="DIR", help="write the last step's Chrome trace and Gantt PNG here")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("pipeline", help="pipeline schedule: measured step time vs (m+p-1)(tf+tb)")
-    _add_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trident bench pipeline", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    from trident.errors import UserError
-
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"trident bench pipeline: error: {err}", file=sys.stderr)
-        return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,10 +115,10 @@ def _stage_main(rank: int, config: dict, tmp: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trident.parallel.pipeline.p2p import activation_shape
-    from trident.parallel.topology import Topology
     from trident.parallel.pipeline.executor import run_pipeline
-    from trident.parallel.pipeline.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
+    from trident.parallel.pipeline.p2p import activation_shape
+    from trident.parallel.pipeline.timeline import Timeline, gather_events
+    from trident.parallel.topology import Topology
 
     torch.set_num_threads(1)
     pp, m = config["pp"], config["microbatches"]
@@ -168,19 +152,26 @@ def _stage_main(rank: int, config: dict, tmp: str) -> None:
                 times.append(elapsed.item())
         events = gather_events(timeline)
         if rank == 0:
-            mean = {cat: statistics.fmean(e.duration for e in events if e.cat == cat) for cat in ("forward", "backward")}
-            result = {**config, "tf": tf, "tb": tb, "times": times, "idle": idle_fraction(events),
-                      "tf_seen": mean["forward"], "tb_seen": mean["backward"], "span": max(e.end for e in events)}
-            if config["trace"]:
-                out = Path(config["trace"])
-                result["files"] = [str(write_chrome_trace(events, out / "pipeline_trace.json"))]
-                try:
-                    result["files"].append(str(plot_gantt(events, out / "pipeline_gantt.png")))
-                except Exception as err:  # matplotlib is optional: report, keep the JSON trace
-                    result["files"].append(f"(no PNG: {err})")
-            (Path(tmp) / "result.json").write_text(json.dumps(result))
+            _write_result(config, tf, tb, times, events, Path(tmp) / "result.json")
     finally:
         dist.destroy_process_group()
+
+
+def _write_result(config: dict, tf: float, tb: float, times: list[float], events: list, path: Path) -> None:
+    """Rank 0: the figures and the last step's timeline summary (and trace files) as JSON."""
+    from trident.parallel.pipeline.timeline import idle_fraction, plot_gantt, write_chrome_trace
+
+    mean = {cat: statistics.fmean(e.duration for e in events if e.cat == cat) for cat in ("forward", "backward")}
+    result = {**config, "tf": tf, "tb": tb, "times": times, "idle": idle_fraction(events),
+              "tf_seen": mean["forward"], "tb_seen": mean["backward"], "span": max(e.end for e in events)}
+    if config["trace"]:
+        out = Path(config["trace"])
+        result["files"] = [str(write_chrome_trace(events, out / "pipeline_trace.json"))]
+        try:
+            result["files"].append(str(plot_gantt(events, out / "pipeline_gantt.png")))
+        except Exception as err:  # matplotlib is optional: report, keep the JSON trace
+            result["files"].append(f"(no PNG: {err})")
+    path.write_text(json.dumps(result))
 
 
 def _timed(fn) -> float:
@@ -212,7 +203,3 @@ def format_report(r: dict) -> str:
         lines.append(f"  wrote {path}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(main())

@@ -8,7 +8,7 @@ state (exp_avg + exp_avg_sq, + fp32 master weights when the model is not fp32), 
 padding share, and the median step time (microbatches, reduction, clipping, AdamW,
 all-gather) with the bucket reductions overlapped with backward and without.
 
-Run it as ``trident bench zero ...`` or ``python -m trident.tools.bench_zero ...``.
+Run it as ``trident bench zero ...``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,11 @@ from pathlib import Path
 MiB = 2**20
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "zero", help="ZeRO 0/1/2: per-rank bytes at dp 1/2/4, step time with/without overlap",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4], help="data-parallel sizes (local processes)")
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2], help="zero stages")
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
@@ -38,25 +41,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bucket-mb", type=float, default=4.0, help="gradient bucket size in MB")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("zero", help="ZeRO 0/1/2: per-rank bytes at dp 1/2/4, step time with/without overlap")
-    _add_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trident bench zero", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    from trident.errors import UserError
-
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"trident bench zero: error: {err}", file=sys.stderr)
-        return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,8 +110,8 @@ def _measure(dp: int, config: dict) -> list[dict]:
         for overlap in (True, False):
             model = GPT(cfg, topo, dtype=parse_dtype(config["dtype"]))
             model.init_weights(0)
-            ocfg = OptimizerConfig(zero=zero, bucket_mb=config["bucket_mb"], overlap_grad_reduce=overlap, on_nonfinite="skip")
-            opt = DistributedOptimizer(model, topo, ocfg, MixedPrecisionConfig(dtype=config["dtype"]))
+            ocfg = OptimizerConfig(zero=zero, bucket_mb=config["bucket_mb"], overlap_grad_reduce=overlap)
+            opt = DistributedOptimizer(model, topo, ocfg, MixedPrecisionConfig(dtype=config["dtype"]), on_nonfinite="skip")
             times = []
             for step in range(config["warmup"] + config["steps"]):
                 dist.barrier()
@@ -173,6 +158,3 @@ def format_report(rows: list[dict], config: dict) -> str:
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

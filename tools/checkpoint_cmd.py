@@ -17,8 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from trident.checkpoint.offline import inspect_checkpoint
+    from trident.checkpoint.store import LATEST, complete_checkpoints
     from trident.errors import UserError
-    from trident.checkpoint.checkpoint import LATEST, complete_checkpoints, inspect_checkpoint
 
     path = Path(args.path)
     if not path.exists():
@@ -29,14 +30,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{str(path)!r} is neither a checkpoint nor a folder of checkpoints")
         path = found[-1]
     info = inspect_checkpoint(path)
-    meta = info.meta
-    lay = meta["layout"]
+    state, lay = info.state, info.state.layout
     print(f"checkpoint {path}")
-    print(f"  step {meta['step']}, consumed samples {meta['consumed_samples']}")
-    print(f"  saved at tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} (world {lay['world']}), zero {lay['zero']}")
-    print(f"  {len(meta['files'])} files, sha256 verified:")
-    for name in sorted(meta["files"]):
-        print(f"    {name}  {(path / name).stat().st_size:,} bytes  {meta['files'][name][:16]}")
+    print(f"  step {state.step}, consumed samples {state.consumed_samples}")
+    print(f"  saved at tp={lay.tp} pp={lay.pp} dp={lay.dp} (world {lay.world}), zero {lay.zero}")
+    print(f"  {len(state.files)} files, sha256 verified:")
+    for name in sorted(state.files):
+        print(f"    {name}  {(path / name).stat().st_size:,} bytes  {state.files[name][:16]}")
     total = 0
     print(f"  {len(info.tensors)} model tensors:")
     for name in sorted(info.tensors, key=_natural):

@@ -52,9 +52,9 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trident.errors import UserError
-    from trident.checkpoint.checkpoint import model_config, read_meta
     from trident.checkpoint.hf_checkpoint import describe, export_checkpoint
+    from trident.checkpoint.state import read_state
+    from trident.errors import UserError
     from trident.parallel.zero.mixed_precision import parse_dtype
 
     if args.format not in FORMATS:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.output, tokenizer=args.tokenizer, with_tokenizer=not args.no_tokenizer, dtype=dtype,
         max_shard_bytes=parse_size(args.max_shard_size),
     )
-    cfg = model_config(read_meta(result.checkpoint))
+    cfg = read_state(result.checkpoint).model_config()
     arch = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[result.architecture]
     print(f"exported {result.checkpoint} ({describe(cfg)}) as {arch} to {result.output}")
     print(f"  tokenizer: {result.tokenizer if result.tokenizer is not None else 'none'}")

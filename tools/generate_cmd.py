@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from trident.inference.generate import generate_text
+    from trident.inference.sampling import SamplingConfig
     from trident.parallel.topology import Topology
-    from trident.inference.generate import SamplingConfig, generate_text
     from trident.parallel.zero.mixed_precision import parse_dtype
 
     if device == "auto":

@@ -25,11 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trident.checkpoint.checkpoint import model_config, read_meta
     from trident.checkpoint.hf_checkpoint import describe, import_checkpoint
+    from trident.checkpoint.state import read_state
 
     path = import_checkpoint(args.hf, args.output, seed=args.seed)
-    meta = read_meta(path)
-    print(f"imported {args.hf} ({describe(model_config(meta))}) to {path}")
-    print(f"  tokenizer: {meta.get('tokenizer') or 'none found in the folder'}")
+    state = read_state(path)
+    print(f"imported {args.hf} ({describe(state.model_config())}) to {path}")
+    print(f"  tokenizer: {state.tokenizer or 'none found in the folder'}")
     return 0

@@ -37,8 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trident.planning.devices import get_device, parse_bytes
+    from trident.planning.planner import make_plan, search, settings_from_config
     from trident.training.config import load_config
-    from trident.planning.planner import get_device, make_plan, parse_bytes, search, settings_from_config
 
     cfg = load_config(args.config, list(args.overrides))
     device = get_device(args.device)
@@ -67,7 +68,7 @@ def _unit(largest: float) -> tuple[str, float]:
 
 def format_plan(plan, memory: int, source: str | None = None) -> str:
     """The per-stage memory table, FLOPs, bytes per group and the predicted step."""
-    from trident.planning.planner import format_bytes
+    from trident.planning.devices import format_bytes
 
     st, dev = plan.settings, plan.device
     m = st.microbatches
@@ -113,7 +114,7 @@ def format_plan(plan, memory: int, source: str | None = None) -> str:
 
 def format_search(plans, devices: int, memory: int, device: str, top: int) -> str:
     """Layouts that fit, best predicted throughput first."""
-    from trident.planning.planner import format_bytes
+    from trident.planning.devices import format_bytes
 
     if not plans:
         return (f"no layout of {devices} x {device} fits {format_bytes(memory)} per device; try more devices, "

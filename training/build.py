@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 
 from trident.model.gpt import GPT
+from trident.model.stage import build_stage
 from trident.parallel.random import RNGStreams
 from trident.parallel.topology import Topology
+from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+from trident.parallel.zero.optimizer import DistributedOptimizer
 from trident.training.config import Config
 from trident.training.lr_schedule import LRSchedule
-from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
-from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-from trident.parallel.pipeline.executor import build_stage
 
 
 def build_model(cfg: Config, topo: Topology, rng: RNGStreams) -> GPT:
@@ -40,14 +40,13 @@ def build_model(cfg: Config, topo: Topology, rng: RNGStreams) -> GPT:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, topo: Topology) -> DistributedOptimizer:
     """AdamW with ZeRO sharding, fp32 masters and (fp16) loss scaling, per the config."""
-    opt_cfg = OptimizerConfig.from_section(cfg.optim)
-    opt_cfg.on_nonfinite = "skip" if cfg.train.nonfinite == "skip" else "auto"
     o = cfg.optim
     precision = MixedPrecisionConfig(
         dtype=cfg.train.dtype, initial_scale=o.loss_scale, growth_interval=o.loss_scale_window,
         min_scale=o.min_loss_scale,
     )
-    return DistributedOptimizer(model, topo, opt_cfg.validate(), precision.validate())
+    on_nonfinite = "skip" if cfg.train.nonfinite == "skip" else "auto"
+    return DistributedOptimizer(model, topo, o, precision.validate(), on_nonfinite=on_nonfinite)
 
 
 def build_schedule(cfg: Config) -> LRSchedule:

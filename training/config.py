@@ -24,11 +24,14 @@ import yaml
 
 from trident.errors import UserError
 from trident.model.config import ModelConfig
+from trident.model.gpt import RECOMPUTE
+from trident.parallel.pipeline.schedule import SCHEDULES as PIPELINE_SCHEDULES
+from trident.parallel.topology import resolve_layout
+from trident.parallel.zero.mixed_precision import DTYPES as PRECISION_DTYPES
+from trident.parallel.zero.optimizer import OptimizerConfig
+from trident.training.lr_schedule import LR_SCHEDULES
 
-DTYPES = ("fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe")
-RECOMPUTE = ("none", "selective", "full")
+DTYPES = tuple(PRECISION_DTYPES)
 NONFINITE = ("stop", "skip")
 
 
@@ -64,9 +67,10 @@ class TrainSection:
 
 
 @dataclass
-class OptimSection:
-    lr: float = 3e-4
-    """Peak learning rate, reached at the end of warm-up."""
+class OptimSection(OptimizerConfig):
+    """The optimizer's own settings (`OptimizerConfig`, documented there) plus the
+    learning-rate schedule and the fp16 loss scale."""
+
     min_lr: float = 3e-5
     """Learning rate at the end of the decay."""
     warmup_steps: int = 10
@@ -75,24 +79,6 @@ class OptimSection:
     """After warm-up: cosine | linear | constant | wsd (warm-up, stable, decay)."""
     decay_fraction: float = 0.2
     """wsd only: the final fraction of the steps spent decaying to min_lr."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay (never on biases and norm weights)."""
-    decay_embeddings: bool = True
-    """Apply weight decay to the embedding and output head."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    clip_grad: float = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping."""
-    zero: int = 1
-    """ZeRO stage: 0 replicated optimizer, 1 sharded optimizer state, 2 also sharded gradients."""
-    bucket_mb: float = 25.0
-    """Size of the gradient-reduction buckets, in MB."""
-    overlap_grad_reduce: bool = True
-    """Launch each bucket's reduction as soon as its gradients are ready in backward."""
     loss_scale: float = 65536.0
     """fp16 only: initial dynamic loss scale."""
     loss_scale_window: int = 1000
@@ -193,10 +179,14 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The string written under each field of a dataclass, by field name."""
+    """The string written under each field of a dataclass (and of the dataclasses it
+    extends), by field name."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if base is not cls and dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
     for stmt, nxt in zip(body, body[1:]):
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
@@ -302,13 +292,12 @@ def validate(cfg: Config) -> Config:
         ("train.dtype", cfg.train.dtype, DTYPES),
         ("train.recompute", cfg.train.recompute, RECOMPUTE),
         ("train.nonfinite", cfg.train.nonfinite, NONFINITE),
-        ("optim.schedule", cfg.optim.schedule, SCHEDULES),
+        ("optim.schedule", cfg.optim.schedule, LR_SCHEDULES),
         ("parallel.pp_schedule", cfg.parallel.pp_schedule, PIPELINE_SCHEDULES),
     ):
         if value not in valid:
             raise UserError(f"{key} is {value!r}; valid values are {', '.join(valid)}")
-    if cfg.optim.zero not in (0, 1, 2):
-        raise UserError(f"optim.zero is {cfg.optim.zero}; valid values are 0, 1, 2")
+    cfg.optim.validate()
     for key, value in (
         ("train.steps", cfg.train.steps),
         ("train.micro_batch_size", cfg.train.micro_batch_size),
@@ -347,8 +336,6 @@ class Derived:
 
 def derive(cfg: Config, world: int) -> Derived:
     """Check the layout against the world and the batch sizes against the layout."""
-    from trident.parallel.topology import resolve_layout
-
     p = cfg.parallel
     layout = resolve_layout(world, p.tp, p.pp, p.dp)
     cfg.model.check_tp(p.tp)

@@ -10,6 +10,8 @@ import math
 
 from trident.errors import UserError
 
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
 
 class LRSchedule:
     def __init__(
@@ -21,8 +23,8 @@ class LRSchedule:
         kind: str = "cosine",
         decay_fraction: float = 0.2,
     ) -> None:
-        if kind not in ("cosine", "linear", "constant", "wsd"):
-            raise UserError(f"optim.schedule is {kind!r}; valid values are cosine, linear, constant, wsd")
+        if kind not in LR_SCHEDULES:
+            raise UserError(f"optim.schedule is {kind!r}; valid values are {', '.join(LR_SCHEDULES)}")
         self.lr, self.min_lr, self.kind = lr, min_lr, kind
         self.warmup, self.total, self.decay_fraction = warmup_steps, max(total_steps, 1), decay_fraction
         self.steps_taken = 0

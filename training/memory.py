@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trident.parallel.collectives import comm_device
 from trident.parallel.topology import Topology
 
 
@@ -220,7 +221,7 @@ def memory_record(report: MemoryReport, topo: Topology) -> dict[str, Any]:
     """
     mine = torch.tensor(report.values(), dtype=torch.float64)
     if topo.world > 1:
-        device = topo.device if topo.device.type == "cuda" else torch.device("cpu")
+        device = comm_device(topo)
         gathered = [torch.zeros_like(mine, device=device) for _ in range(topo.world)]
         dist.all_gather(gathered, mine.to(device))
         every = torch.stack([g.cpu() for g in gathered])  # [world, 5]

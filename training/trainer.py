@@ -17,104 +17,38 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from trident.errors import UserError
-from trident.parallel.tensor.mappings import all_reduce
-from trident.parallel.pipeline.p2p import activation_shape
-from trident.parallel.random import RNGStreams
-from trident.parallel.pipeline.stages import stage_layers
-from trident.parallel.topology import Topology
 from trident.checkpoint import checkpoint as ckpt
+from trident.errors import UserError
+from trident.parallel.collectives import all_reduce, any_rank, comm_device
+from trident.parallel.pipeline.executor import run_pipeline
+from trident.parallel.pipeline.p2p import activation_shape
+from trident.parallel.pipeline.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
+from trident.parallel.random import RNGStreams
+from trident.parallel.topology import Topology
 from trident.parallel.zero.clip import NonFiniteGradientError
+from trident.parallel.zero.mixed_precision import parse_dtype
 from trident.training.build import build_model, build_optimizer, build_schedule
 from trident.training.config import Config, derive
 from trident.training.data_setup import build_data
 from trident.training.memory import ActivationMeter, memory_record, rank_memory
 from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token
-from trident.parallel.zero.mixed_precision import parse_dtype
-from trident.parallel.pipeline.executor import run_pipeline
-from trident.parallel.pipeline.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
+from trident.training.run_control import NonFiniteLossError, StopSignal, TrainSummary, launched, make_topology
 
-
-class NonFiniteLossError(UserError):
-    """The global loss or gradient became inf/NaN in fp32/bf16 and the config says to stop.
-
-    A `UserError`: every rank raises it together (the loss and the norm are global), and
-    the command ends with its one sentence (which step, what to change), not a traceback."""
-
-
-@dataclass
-class TrainSummary:
-    steps: int
-    final_loss: float | None
-    val_loss: float | None
-    stopped_by: str
-    run_dir: str
-    losses: list[float] = field(default_factory=list)
-
-
-class StopSignal:
-    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop stops at a step edge."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _launched() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / "trident"
-
-
-def make_topology(cfg: Config) -> Topology:
-    """Check everything that can be checked without processes, then join the job."""
-    world = int(os.environ["WORLD_SIZE"]) if _launched() else 1
-    derive(cfg, world)
-    stage_layers(cfg.model.n_layers, cfg.parallel.pp, cfg.parallel.pp_split)
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is available; use train.device=cpu")
-    if not _launched():
-        return Topology.single(cfg.train.device)
-    p = cfg.parallel
-    return Topology.from_env(tp=p.tp, pp=p.pp, dp=p.dp, device=cfg.train.device, timeout_s=p.timeout_s)
-
-
-def _any_rank(flag: bool, topo: Topology) -> bool:
-    """True on every rank if `flag` is True on any rank."""
-    if topo.world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=topo.device if topo.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+DEFAULT_RUN_DIR = Path("runs") / "trident"  # where a run writes when no --run-dir is given
 
 
 def _loss_tokens(micros: list[dict[str, torch.Tensor]], topo: Topology) -> float:
     """Loss-bearing tokens of the whole global batch (every microbatch of every dp rank)."""
     local = sum(float(mb["loss_mask"].sum()) if "loss_mask" in mb else float(mb["labels"].numel()) for mb in micros)
-    t = torch.tensor([local], dtype=torch.float64, device=topo.device if topo.device.type == "cuda" else "cpu")
+    t = torch.tensor([local], dtype=torch.float64, device=comm_device(topo))
     all_reduce(t, topo.dp_group)
     return float(t.item())
 
@@ -132,7 +66,7 @@ class Trainer:
         self.cfg = cfg
         self.topo = make_topology(cfg)
         self.derived = derive(cfg, self.topo.world)
-        self.run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(cfg)
+        self.run_dir = Path(run_dir) if run_dir is not None else DEFAULT_RUN_DIR
         self.is_logger = self.topo.rank == 0
         t, p = cfg.train, cfg.parallel
         torch.manual_seed(t.seed)
@@ -160,15 +94,15 @@ class Trainer:
         return self.cfg.checkpoint.interval >= 0
 
     def save(self) -> Path:
-        state = {
-            "consumed_samples": self.data.train.consumed_samples,
-            "scheduler": self.schedule.state_dict(),
-            "loss_scaler": self.optimizer.scaler.state_dict(),
-            "early_stopping": {"best_val": self.best_val, "evals_without_improvement": self.evals_without_improvement},
-            "seed": self.cfg.train.seed,
-            "tokenizer": os.path.abspath(self.data.tokenizer_path),
-            "config": self.cfg.to_dict(),
-        }
+        state = ckpt.RunState(
+            consumed_samples=self.data.train.consumed_samples,
+            scheduler=self.schedule.state_dict(),
+            loss_scaler=self.optimizer.scaler.state_dict(),
+            early_stopping=ckpt.EarlyStopping(self.best_val, self.evals_without_improvement),
+            seed=self.cfg.train.seed,
+            tokenizer=os.path.abspath(self.data.tokenizer_path),
+            config=self.cfg.to_dict(),
+        )
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.topo, self.model, self.optimizer, self.rng, state,
                                     keep=self.cfg.checkpoint.keep)
         self.log(f"step {self.step}: checkpoint saved to {path}")
@@ -184,9 +118,9 @@ class Trainer:
         chosen = -1
         if self.is_logger:
             found = ckpt.latest_valid(self.ckpt_root)
-            chosen = ckpt._step_of(found) if found is not None else -1
+            chosen = ckpt.step_of(found) if found is not None else -1
         if self.topo.world > 1:
-            t = torch.tensor([chosen], dtype=torch.long, device=self.topo.device if self.topo.device.type == "cuda" else "cpu")
+            t = torch.tensor([chosen], dtype=torch.long, device=comm_device(self.topo))
             dist.broadcast(t, src=0)
             chosen = int(t.item())
         if chosen < 0:
@@ -194,33 +128,33 @@ class Trainer:
                 raise UserError(f"--resume was given but {str(self.ckpt_root)!r} holds no complete, verified checkpoint")
             return False
         path = self.ckpt_root / ckpt.step_dir_name(chosen)
-        meta = ckpt.read_meta(path)
-        saved_model = meta["config"]["model"]
+        state = ckpt.read_state(path)
+        saved_model = state.config.get("model") or {}
         for key, value in self.cfg.model.to_dict().items():
             if saved_model.get(key) != value:
                 raise UserError(
                     f"checkpoint {path.name} was saved with model.{key}={saved_model.get(key)!r}, "
                     f"but this run has model.{key}={value!r}"
                 )
-        if meta["consumed_samples"] % self.cfg.train.global_batch_size != 0:
+        if state.consumed_samples % self.cfg.train.global_batch_size != 0:
             raise UserError(
-                f"checkpoint {path.name} consumed {meta['consumed_samples']} samples, not a multiple of "
+                f"checkpoint {path.name} consumed {state.consumed_samples} samples, not a multiple of "
                 f"train.global_batch_size={self.cfg.train.global_batch_size}"
             )
         ckpt.load_model(path, self.model)
         ckpt.load_optimizer(path, self.optimizer)
-        lay = meta["layout"]
-        same = (lay["tp"], lay["pp"], lay["dp"]) == (self.topo.tp, self.topo.pp, self.topo.dp)
+        lay = state.layout
+        same = (lay.tp, lay.pp, lay.dp) == (self.topo.tp, self.topo.pp, self.topo.dp)
         ckpt.load_rng(path, self.topo, self.rng, same_layout=same)
-        self.schedule.load_state_dict(meta["scheduler"])
-        self.optimizer.scaler.load_state_dict(meta["loss_scaler"])
-        self.data.train.load_state_dict({"consumed_samples": meta["consumed_samples"]})
-        es = meta.get("early_stopping", {})
-        self.best_val, self.evals_without_improvement = es.get("best_val"), es.get("evals_without_improvement", 0)
-        self.step = int(meta["step"])
+        self.schedule.load_state_dict(state.scheduler)
+        self.optimizer.scaler.load_state_dict(state.loss_scaler)
+        self.data.train.load_state_dict({"consumed_samples": state.consumed_samples})
+        self.best_val = state.early_stopping.best_val
+        self.evals_without_improvement = state.early_stopping.evals_without_improvement
+        self.step = state.step
         self.resumed_from = path
         self.saved_step = self.step  # nothing new to save until the next step
-        where = "" if same else f" (saved at tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}, resharded)"
+        where = "" if same else f" (saved at tp={lay.tp} pp={lay.pp} dp={lay.dp}, resharded)"
         self.log(f"resumed from {path} at step {self.step}{where}")
         return True
 
@@ -326,7 +260,7 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------
     def fit(self) -> TrainSummary:
-        cfg, topo = self.cfg, self.topo
+        cfg = self.cfg
         self.write_resolved_config()
         metrics = MetricsWriter(self.run_dir, enabled=self.is_logger, tensorboard=cfg.log.tensorboard)
         stop = StopSignal()
@@ -356,21 +290,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{self.derived.tokens_per_step / dt:,.0f}")
                 if self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
                     metrics.write(self._record(out, dt))
-                interval = cfg.checkpoint.interval
-                if interval > 0 and self.step % interval == 0 and self.step < cfg.train.steps:
+                if self.step < cfg.train.steps and cfg.checkpoint.interval > 0 and self.step % cfg.checkpoint.interval == 0:
                     self.save()
-                if cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0 and self.step < cfg.train.steps:
+                if self.step < cfg.train.steps and cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0:
                     val_loss = self._validate(metrics)
-                    if self._early_stop():
-                        stopped_by = "early_stopping"
-                        break
-                if cfg.train.exit_interval > 0 and self.step % cfg.train.exit_interval == 0 and self.step < cfg.train.steps:
-                    stopped_by = "exit_interval"
-                    break
-                budget = cfg.train.time_budget_s
-                over_budget = budget > 0 and time.perf_counter() - start >= budget
-                if _any_rank(stop.received is not None or over_budget, topo):
-                    stopped_by = "signal" if _any_rank(stop.received is not None, topo) else "time_budget"
+                reason = self._stop_reason(stop, start)
+                if reason is not None:
+                    stopped_by = reason
                     break
         finally:
             stop.restore()
@@ -403,9 +329,23 @@ class Trainer:
             self.evals_without_improvement += 1
         return val
 
-    def _early_stop(self) -> bool:
-        patience = self.cfg.eval.patience
-        return patience > 0 and self.evals_without_improvement >= patience
+    def _stop_reason(self, stop: StopSignal, start: float) -> str | None:
+        """Why the loop ends after this step, or None; every input is agreed by all ranks
+        (the validation loss is global, the signal and time budget are all-reduced)."""
+        cfg, step = self.cfg, self.step
+        if step >= cfg.train.steps:
+            return None  # the loop ends by its own condition
+        patience = cfg.eval.patience
+        if cfg.eval.interval > 0 and step % cfg.eval.interval == 0 and patience > 0 \
+                and self.evals_without_improvement >= patience:
+            return "early_stopping"
+        if cfg.train.exit_interval > 0 and step % cfg.train.exit_interval == 0:
+            return "exit_interval"
+        budget = cfg.train.time_budget_s
+        over_budget = budget > 0 and time.perf_counter() - start >= budget
+        if any_rank(stop.received is not None or over_budget, self.topo):
+            return "signal" if any_rank(stop.received is not None, self.topo) else "time_budget"
+        return None
 
     def _record(self, out: dict[str, Any], dt: float) -> dict[str, Any]:
         topo = self.topo
@@ -435,7 +375,7 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        if _launched() and dist.is_initialized():
+        if launched() and dist.is_initialized():
             dist.destroy_process_group()
 
 

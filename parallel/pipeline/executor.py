@@ -27,8 +27,8 @@ Hooks for the data-parallel reduction (the DP / ZeRO code plugs in here):
   It is not called with ``forward_only=True``.
 
 `finalize_grads` runs before ``grad_sync`` and sums, on full local gradients, the two
-cross-rank partial gradients a pipeline stage has: parameters flagged by
-`trident.parallel.tensor.layers.mark_tp_partial_grad` (sequence-parallel norms, QK-norm) over tp,
+cross-rank partial gradients a pipeline stage has: parameters flagged
+`trident.parallel.tensor.sharding.TP_PARTIAL` (sequence-parallel norms, QK-norm) over tp,
 and the tied input/output embedding over the embedding group (first + last stage). An
 overlapped dp reduction may therefore start on any parameter during the last backward
 EXCEPT those flagged ``tp_partial_grad`` or ``pipeline_tied``: reduce those in
@@ -36,11 +36,16 @@ EXCEPT those flagged ``tp_partial_grad`` or ``pipeline_tied``: reduce those in
 finalised gradient of a tensor).
 
 Tied embeddings. The last stage (when it is not also the first) holds its own copy of
-``embedding.weight`` under the same global name; `mark_tied_embedding` flags both copies
-``pipeline_tied`` and the last stage's ``pipeline_duplicate``. After `finalize_grads` the
+``embedding.weight`` under the same global name; the model flags both copies
+``pipeline_tied`` and the last stage's ``pipeline_duplicate`` (`trident.parallel.tensor.sharding`). After `finalize_grads` the
 two copies' gradients are equal (their sum), so identical optimizer steps keep the
 weights equal. The gradient norm, parameter counts and checkpoints must count the tensor
-once: skip parameters for which `is_pipeline_duplicate(param)` is True.
+once: they skip parameters for which `is_pipeline_duplicate(param)` is True.
+
+The executor never imports the model: a stage is any module called as
+``stage(x, labels=..., doc_ids=...)`` that returns the hidden state, or on the last stage
+the per-token loss ``[b, s]``, and that may carry ``first_stage``/``last_stage``
+attributes (checked against the topology). `trident.model.stage.build_stage` builds one.
 """
 
 from __future__ import annotations
@@ -54,95 +59,33 @@ import torch.distributed as dist
 from torch import nn
 
 from trident.errors import UserError
-from trident.model.config import ModelConfig
-from trident.model.gpt import GPT
-from trident.parallel.tensor.layers import sync_tp_partial_grads
-from trident.parallel.tensor.mappings import all_reduce
+from trident.parallel.collectives import all_reduce, all_reduce_coalesced
 from trident.parallel.pipeline.p2p import StageComm
-from trident.parallel.random import RNGStreams
-from trident.parallel.pipeline.stages import stage_layers
-from trident.parallel.topology import Topology
 from trident.parallel.pipeline.schedule import (
     SCHEDULES,
     Exchange,
-    forward_only as forward_only_steps,
-    in_flight_limit,
-    plan,
-    schedule_steps,
 )
+from trident.parallel.pipeline.schedule import forward_only as forward_only_steps
+from trident.parallel.pipeline.schedule import peak_in_flight, plan, schedule_steps
 from trident.parallel.pipeline.timeline import Timeline, span
-
-TIED_ATTR = "pipeline_tied"
-DUPLICATE_ATTR = "pipeline_duplicate"
+from trident.parallel.tensor.layers import sync_tp_partial_grads
+from trident.parallel.tensor.sharding import is_pipeline_tied
+from trident.parallel.topology import Topology
 
 Microbatch = Mapping[str, torch.Tensor]
-
-
-# --- stages ---------------------------------------------------------------------------------
-def build_stage(
-    cfg: ModelConfig,
-    topo: Topology,
-    split: Sequence[int] | None = None,
-    sequence_parallel: bool = False,
-    rng: RNGStreams | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    recompute: str = "none",
-) -> GPT:
-    """This rank's stage of the model (uninitialised: call ``init_weights(seed)``).
-
-    `split` is an explicit number of layers per stage; by default layers are balanced.
-    `recompute` is the activation recomputation mode (`trident.model.gpt.RECOMPUTE`).
-    Bad splits raise the same `UserError` on every rank, before any transfer.
-    """
-    ranges = stage_layers(cfg.n_layers, topo.pp, split)
-    model = GPT(
-        cfg,
-        topo,
-        layers=ranges[topo.pp_rank],
-        first_stage=topo.is_first_stage,
-        last_stage=topo.is_last_stage,
-        sequence_parallel=sequence_parallel,
-        rng=rng,
-        device=device,
-        dtype=dtype,
-        recompute=recompute,
-    )
-    mark_tied_embedding(model, topo)
-    return model
-
-
-def mark_tied_embedding(model: nn.Module, topo: Topology) -> None:
-    """Flag the two copies of a tied embedding split across the pipeline (idempotent)."""
-    if not isinstance(model, GPT) or topo.pp == 1 or not model.cfg.tie_embeddings or not hasattr(model, "embedding"):
-        return
-    weight = model.embedding.weight
-    setattr(weight, TIED_ATTR, True)
-    if model.last_stage and not model.first_stage:
-        setattr(weight, DUPLICATE_ATTR, True)
-
-
-def is_pipeline_duplicate(param: nn.Parameter) -> bool:
-    """True for the last stage's copy of a tied embedding: count it nowhere (norm, checkpoint)."""
-    return getattr(param, DUPLICATE_ATTR, False)
 
 
 def finalize_grads(model: nn.Module, topo: Topology) -> None:
     """Sum the partial gradients a stage holds after its last backward: tp-partial
     parameters over tp, then both copies of a tied embedding over the embedding group."""
     sync_tp_partial_grads(model, topo)
-    tied = [p for p in model.parameters() if getattr(p, TIED_ATTR, False)]
-    if not tied or topo.pp == 1:
+    if topo.pp == 1:
         return
+    tied = [p for p in model.parameters() if is_pipeline_tied(p)]
     for p in tied:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in tied])
-    all_reduce(flat, topo.embedding_group)
-    offset = 0
-    for p in tied:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
+    all_reduce_coalesced([p.grad for p in tied], topo.embedding_group)
 
 
 # --- the executor ---------------------------------------------------------------------------
@@ -154,6 +97,36 @@ class PipelineResult:
     in_flight_limit: int  # the schedule's bound on that number (asserted)
     sends: int  # point-to-point operations this rank issued
     recvs: int
+
+
+def forward_step(
+    model: nn.Module, topo: Topology, data: Microbatch, x: torch.Tensor, loss_divisor: float,
+    loss_scale: float = 1.0, **model_kw: object,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One microbatch through this stage: ``(out, loss_sum)``.
+
+    On the last stage `out` is the scalar to back-propagate, ``sum(loss * mask) *
+    loss_scale / loss_divisor``, and `loss_sum` the detached fp32 ``sum(loss * mask)``;
+    elsewhere `out` is the hidden state to send on and `loss_sum` is None.
+    """
+    # x: tokens [b, s] (first stage) or the received hidden state [b, s(/tp), hidden]
+    device = topo.device
+    labels = data["labels"].to(device, non_blocking=True) if topo.is_last_stage else None
+    doc_ids = data["doc_ids"].to(device, non_blocking=True) if "doc_ids" in data else None
+    y = model(x, labels=labels, doc_ids=doc_ids, **model_kw)
+    if not topo.is_last_stage:
+        return y, None  # hidden [b, s(/tp), hidden]
+    if "loss_mask" in data:  # y: per-token loss [b, s]
+        y = y * data["loss_mask"].to(device=device, dtype=y.dtype, non_blocking=True)
+    y = y.sum()
+    return y * (loss_scale / loss_divisor), y.detach().float()
+
+
+def backward_step(out: torch.Tensor, grad_out: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
+    """Back-propagate one microbatch through this stage; the gradient of its input to send
+    upstream (None on the first stage, whose input is token ids)."""
+    torch.autograd.backward(out, grad_tensors=grad_out)
+    return x.grad if x is not None else None
 
 
 def run_pipeline(
@@ -170,10 +143,13 @@ def run_pipeline(
     timeline: Timeline | None = None,
     label_smoothing: float = 0.0,
     reduce_loss_over_dp: bool = True,
-    act_dtype: torch.dtype | None = None,
     loss_scale: float = 1.0,
 ) -> PipelineResult:
     """Run one step of `schedule` on this rank's stage and return the global-batch loss.
+
+    At pp = 1 this is plain gradient accumulation: for each microbatch, `forward_step`
+    then `backward_step`, then `finalize_grads` and `grad_sync` once. With pp > 1 the
+    schedule's plan interleaves those steps with the transfers between stages.
 
     microbatches: this dp rank's microbatches, in order, the same list on every stage of
         the pipeline. Each is a dict of [b, s] tensors: ``tokens`` (needed on the first
@@ -192,100 +168,109 @@ def run_pipeline(
     _check_args(model, topo, microbatches, act_shape, loss_divisor, schedule)
     training = not forward_only
     steps = schedule_steps(schedule, p, r, m) if training else forward_only_steps(p, r, m)
-    limit = in_flight_limit(schedule, p, r, m) if training else 0
-    backwards = [s.mb for s in steps if s.kind == "B"]
-    last_backward_mb = backwards[-1] if backwards else -1
-    if act_dtype is None:
-        act_dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
-    device = topo.device
-    comm = StageComm(topo, act_shape, act_dtype, device)
-    if training:
-        mark_tied_embedding(model, topo)
-    extra = {"label_smoothing": label_smoothing} if label_smoothing else {}
-
-    inbox_act: dict[int, torch.Tensor] = {}  # received activations waiting for their forward
-    inbox_grad: dict[int, torch.Tensor] = {}  # received gradients waiting for their backward
-    outbox_act: dict[int, torch.Tensor] = {}  # outputs waiting to be sent forward
-    outbox_grad: dict[int, torch.Tensor] = {}  # input gradients waiting to be sent backward
-    saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # (input, output) for backward
-    peak = 0
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-
+    run = _StageRun(
+        model, topo, microbatches, act_shape, loss_divisor, loss_scale, training, before_backward, timeline,
+        {"label_smoothing": label_smoothing} if label_smoothing else {},
+        last_backward=next((st.mb for st in reversed(steps) if st.kind == "B"), -1),
+        limit=peak_in_flight(steps),
+    )
     for action in plan(steps, r, p):
         if isinstance(action, Exchange):
-            with span(timeline, str(action), "transfer"):
-                _exchange(comm, action, inbox_act, inbox_grad, outbox_act, outbox_grad)
-            continue
-        mb, data = action.mb, microbatches[action.mb]
-        if action.kind == "F":
-            with span(timeline, str(action), "forward", mb), torch.set_grad_enabled(training):
-                # x: tokens [b, s] (first stage) or hidden [b, s(/tp), hidden]
-                x = data["tokens"].to(device, non_blocking=True) if topo.is_first_stage else inbox_act.pop(mb).requires_grad_(training)
-                labels = data["labels"].to(device, non_blocking=True) if topo.is_last_stage else None
-                doc_ids = data["doc_ids"].to(device, non_blocking=True) if "doc_ids" in data else None
-                y = model(x, labels=labels, doc_ids=doc_ids, **extra)
-                if topo.is_last_stage:  # y: per-token loss [b, s]
-                    if "loss_mask" in data:
-                        y = y * data["loss_mask"].to(device=device, dtype=y.dtype, non_blocking=True)
-                    y = y.sum()
-                    loss_sum += y.detach().float()
-                    y = y * (loss_scale / loss_divisor)
-                else:  # y: hidden [b, s(/tp), hidden]
-                    outbox_act[mb] = y.detach()
-                if training:
-                    saved[mb] = (None if topo.is_first_stage else x, y)
-                    peak = max(peak, len(saved))
-                    if len(saved) > limit:  # the schedule's memory promise, checked where memory is held
-                        raise RuntimeError(f"stage {r} holds {len(saved)} microbatches' activations, over its bound {limit}")
+            run.exchange(action)
+        elif action.kind == "F":
+            run.forward(action.mb)
         else:
-            x, y = saved.pop(mb)
-            if before_backward is not None:
-                before_backward(mb, mb == last_backward_mb)
-            with span(timeline, str(action), "backward", mb):
-                grad = None if topo.is_last_stage else inbox_grad.pop(mb)
-                torch.autograd.backward(y, grad_tensors=grad)
-                if x is not None:
-                    outbox_grad[mb] = x.grad
-    assert not (inbox_act or inbox_grad or outbox_act or outbox_grad or saved), "the plan left tensors behind"
-
+            run.backward(action.mb)
+    run.check_drained()
     if training:
         finalize_grads(model, topo)
         if grad_sync is not None:
             grad_sync()
     return PipelineResult(
-        loss=_global_loss(loss_sum / loss_divisor, topo, reduce_loss_over_dp),
+        loss=_global_loss(run.loss_sum / loss_divisor, topo, reduce_loss_over_dp),
         microbatches=m,
-        peak_in_flight=peak,
-        in_flight_limit=limit,
-        sends=comm.sends,
-        recvs=comm.recvs,
+        peak_in_flight=run.peak,
+        in_flight_limit=run.limit if training else 0,
+        sends=run.comm.sends,
+        recvs=run.comm.recvs,
     )
 
 
-def _exchange(
-    comm: StageComm,
-    action: Exchange,
-    inbox_act: dict[int, torch.Tensor],
-    inbox_grad: dict[int, torch.Tensor],
-    outbox_act: dict[int, torch.Tensor],
-    outbox_grad: dict[int, torch.Tensor],
-) -> None:
-    """Carry out one batch of the plan: at most one transfer of each (op, peer) kind."""
-    kw: dict[str, object] = {}
-    recv_mb: dict[str, int] = {}
-    for t in action.transfers:
-        key = f"{t.op}_{t.peer}"
-        assert key not in kw, f"two '{key}' transfers in one batch: {action}"
-        if t.op == "send":
-            kw[key] = (outbox_act if t.what == "act" else outbox_grad).pop(t.mb)
-        else:
-            kw[key] = True
-            recv_mb[t.what] = t.mb
-    from_prev, from_next = comm.exchange(**kw)
-    if from_prev is not None:
-        inbox_act[recv_mb["act"]] = from_prev
-    if from_next is not None:
-        inbox_grad[recv_mb["grad"]] = from_next
+class _StageRun:
+    """The state of one step on one stage: tensors waiting to be sent, received or
+    back-propagated, keyed by microbatch. `run_pipeline` drives it with the plan."""
+
+    def __init__(
+        self, model: nn.Module, topo: Topology, microbatches: Sequence[Microbatch], act_shape: tuple[int, ...],
+        loss_divisor: float, loss_scale: float, training: bool, before_backward: Callable[[int, bool], None] | None,
+        timeline: Timeline | None, model_kw: dict[str, object], last_backward: int, limit: int,
+    ) -> None:
+        self.model, self.topo, self.microbatches = model, topo, microbatches
+        self.loss_divisor, self.loss_scale, self.training = loss_divisor, loss_scale, training
+        self.before_backward, self.timeline, self.model_kw = before_backward, timeline, model_kw
+        self.last_backward, self.limit = last_backward, limit
+        act_dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
+        self.comm = StageComm(topo, act_shape, act_dtype, topo.device)
+        self.inbox_act: dict[int, torch.Tensor] = {}  # received activations waiting for their forward
+        self.inbox_grad: dict[int, torch.Tensor] = {}  # received gradients waiting for their backward
+        self.outbox_act: dict[int, torch.Tensor] = {}  # outputs waiting to be sent forward
+        self.outbox_grad: dict[int, torch.Tensor] = {}  # input gradients waiting to be sent backward
+        self.saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # (input, output) for backward
+        self.peak = 0
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=topo.device)
+
+    def forward(self, mb: int) -> None:
+        topo, data = self.topo, self.microbatches[mb]
+        with span(self.timeline, f"F{mb}", "forward", mb), torch.set_grad_enabled(self.training):
+            if topo.is_first_stage:
+                x = data["tokens"].to(topo.device, non_blocking=True)  # [b, s]
+            else:
+                x = self.inbox_act.pop(mb).requires_grad_(self.training)  # [b, s(/tp), hidden]
+            out, loss = forward_step(self.model, topo, data, x, self.loss_divisor, self.loss_scale, **self.model_kw)
+            if loss is not None:
+                self.loss_sum += loss
+            else:
+                self.outbox_act[mb] = out.detach()
+            if self.training:
+                self.saved[mb] = (None if topo.is_first_stage else x, out)
+                self.peak = max(self.peak, len(self.saved))
+                if len(self.saved) > self.limit:  # the schedule's memory promise, checked where memory is held
+                    raise RuntimeError(
+                        f"stage {topo.pp_rank} holds {len(self.saved)} microbatches' activations, over its bound {self.limit}"
+                    )
+
+    def backward(self, mb: int) -> None:
+        x, out = self.saved.pop(mb)
+        if self.before_backward is not None:
+            self.before_backward(mb, mb == self.last_backward)
+        with span(self.timeline, f"B{mb}", "backward", mb):
+            grad_out = None if self.topo.is_last_stage else self.inbox_grad.pop(mb)
+            grad_in = backward_step(out, grad_out, x)
+            if x is not None:
+                self.outbox_grad[mb] = grad_in
+
+    def exchange(self, action: Exchange) -> None:
+        """Carry out one batch of the plan: at most one transfer of each (op, peer) kind."""
+        with span(self.timeline, str(action), "transfer"):
+            kw: dict[str, object] = {}
+            recv_mb: dict[str, int] = {}
+            for t in action.transfers:
+                key = f"{t.op}_{t.peer}"
+                assert key not in kw, f"two '{key}' transfers in one batch: {action}"
+                if t.op == "send":
+                    kw[key] = (self.outbox_act if t.what == "act" else self.outbox_grad).pop(t.mb)
+                else:
+                    kw[key] = True
+                    recv_mb[t.what] = t.mb
+            from_prev, from_next = self.comm.exchange(**kw)
+            if from_prev is not None:
+                self.inbox_act[recv_mb["act"]] = from_prev
+            if from_next is not None:
+                self.inbox_grad[recv_mb["grad"]] = from_next
+
+    def check_drained(self) -> None:
+        left = self.inbox_act or self.inbox_grad or self.outbox_act or self.outbox_grad or self.saved
+        assert not left, "the plan left tensors behind"
 
 
 def _global_loss(local: torch.Tensor, topo: Topology, over_dp: bool) -> float:
@@ -314,10 +299,11 @@ def _check_args(
         raise UserError(f"unknown pipeline schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
     if not (isinstance(loss_divisor, (int, float)) and math.isfinite(loss_divisor) and loss_divisor > 0):
         raise UserError(f"loss_divisor must be a positive number of tokens, got {loss_divisor!r}")
-    if isinstance(model, GPT) and (model.first_stage, model.last_stage) != (topo.is_first_stage, topo.is_last_stage):
+    built = (getattr(model, "first_stage", None), getattr(model, "last_stage", None))
+    if built != (None, None) and built != (topo.is_first_stage, topo.is_last_stage):
         raise UserError(
-            f"the model was built as first_stage={model.first_stage}, last_stage={model.last_stage} but this rank "
-            f"is stage {topo.pp_rank} of {topo.pp}; build it with build_stage(cfg, topo)"
+            f"the model was built as first_stage={built[0]}, last_stage={built[1]} but this rank "
+            f"is stage {topo.pp_rank} of {topo.pp}; build it with trident.model.stage.build_stage(cfg, topo)"
         )
     need = (["tokens"] if topo.is_first_stage else []) + (["labels"] if topo.is_last_stage else [])
     for i, data in enumerate(microbatches):

@@ -114,12 +114,9 @@ def schedule_steps(name: str, stages: int, stage: int, microbatches: int) -> lis
 
 def in_flight_limit(name: str, stages: int, stage: int, microbatches: int) -> int:
     """Most microbatches whose activations a stage may hold at once under schedule `name`:
-    the bound the executor asserts (min(p-r, m) for 1F1B, m for GPipe)."""
-    if name == "1f1b":
-        return min(stages - stage, microbatches)
-    if name == "gpipe":
-        return microbatches
-    raise UserError(f"unknown pipeline schedule {name!r}; valid schedules are {', '.join(SCHEDULES)}")
+    the bound the executor asserts, read off the schedule's own list (min(p-r, m) for
+    1F1B, m for GPipe), so a new schedule brings its bound with it."""
+    return peak_in_flight(schedule_steps(name, stages, stage, microbatches))
 
 
 def peak_in_flight(steps: Sequence[Step]) -> int:
@@ -207,74 +204,91 @@ def simulate(
     `Exchange` when all its operations have. Raises `DeadlockError` if no stage can move,
     and `ValueError` if the two ends of a channel disagree on which microbatch is next.
     """
-    p = len(plans)
-    tf = [t_forward] * p if isinstance(t_forward, (int, float)) else list(t_forward)
-    tb = [t_backward] * p if isinstance(t_backward, (int, float)) else list(t_backward)
-    pos = [0] * p  # next action of each stage
-    clock = [0.0] * p
-    # channel (src, dst, what) -> list of (mb, post time) in posting order, per side
-    posted_send: dict[tuple[int, int, str], list[tuple[int, float]]] = {}
-    posted_recv: dict[tuple[int, int, str], list[tuple[int, float]]] = {}
-    # the (channel, index) each posted operation of a stage's current exchange occupies
-    current: list[list[tuple[str, tuple[int, int, str], int]] | None] = [None] * p
-    events: list[Event] = []
+    sim = _Simulator(plans, t_forward, t_backward, t_transfer)
+    progressed = True
+    while progressed:  # sweep the stages until none can move
+        progressed = False
+        for r in range(len(plans)):
+            while sim.pos[r] < len(plans[r]) and sim.advance(r):
+                progressed = True
+    stuck = [r for r in range(len(plans)) if sim.pos[r] < len(plans[r])]
+    if stuck:
+        waits = "; ".join(f"stage {r} waits in '{plans[r][sim.pos[r]]}'" for r in stuck)
+        raise DeadlockError(f"the plans deadlock: {waits}")
+    return Simulation(total=max(sim.clock) if sim.clock else 0.0, events=sim.events)
 
-    def channel(stage: int, t: Transfer) -> tuple[int, int, str]:
+
+Channel = tuple[int, int, str]  # (sending stage, receiving stage, "act" | "grad")
+
+
+class _Simulator:
+    """The clocks and posted transfers of every stage; `advance` moves one stage one action."""
+
+    def __init__(self, plans: Sequence[Sequence[Action]], t_forward: float | Sequence[float],
+                 t_backward: float | Sequence[float], t_transfer: float) -> None:
+        p = self.p = len(plans)
+        self.plans, self.t_transfer = plans, t_transfer
+        self.tf = [t_forward] * p if isinstance(t_forward, (int, float)) else list(t_forward)
+        self.tb = [t_backward] * p if isinstance(t_backward, (int, float)) else list(t_backward)
+        self.pos = [0] * p  # next action of each stage
+        self.clock = [0.0] * p
+        # channel -> list of (mb, post time) in posting order, per side
+        self.posted: dict[str, dict[Channel, list[tuple[int, float]]]] = {"send": {}, "recv": {}}
+        # the (op, channel, index) each posted operation of a stage's current exchange occupies
+        self.current: list[list[tuple[str, Channel, int]] | None] = [None] * p
+        self.events: list[Event] = []
+
+    def channel(self, stage: int, t: Transfer) -> Channel:
         other = stage - 1 if t.peer == "prev" else stage + 1
-        if not 0 <= other < p:
-            raise ValueError(f"stage {stage} of {p} has no {t.peer} stage for '{t}'")
+        if not 0 <= other < self.p:
+            raise ValueError(f"stage {stage} of {self.p} has no {t.peer} stage for '{t}'")
         return (stage, other, t.what) if t.op == "send" else (other, stage, t.what)
 
-    progressed = True
-    while progressed:
-        progressed = False
-        for r in range(p):
-            while pos[r] < len(plans[r]):
-                action = plans[r][pos[r]]
-                if isinstance(action, Step):
-                    cost = tf[r] if action.kind == "F" else tb[r]
-                    cat = "forward" if action.kind == "F" else "backward"
-                    events.append(Event(r, r, str(action), cat, clock[r], clock[r] + cost, action.mb))
-                    clock[r] += cost
-                    pos[r] += 1
-                    progressed = True
-                    continue
-                if current[r] is None:  # post every operation of the batch now
-                    slots = []
-                    for t in action.transfers:
-                        ch = channel(r, t)
-                        side = posted_send if t.op == "send" else posted_recv
-                        side.setdefault(ch, []).append((t.mb, clock[r]))
-                        slots.append((t.op, ch, len(side[ch]) - 1))
-                    current[r] = slots
-                    progressed = True
-                ready: float | None = clock[r]  # when every operation has both ends posted
-                for op, ch, idx in current[r]:
-                    other = posted_recv if op == "send" else posted_send
-                    if len(other.get(ch, [])) <= idx:
-                        ready = None
-                        break
-                    mine_mb, mine_t = (posted_send if op == "send" else posted_recv)[ch][idx]
-                    their_mb, their_t = other[ch][idx]
-                    if mine_mb != their_mb:
-                        raise ValueError(
-                            f"channel {ch[0]}->{ch[1]} ({ch[2]}): operation {idx} is microbatch {mine_mb} "
-                            f"on one end and {their_mb} on the other"
-                        )
-                    ready = max(ready, mine_t, their_t)
-                if ready is None:
-                    break  # blocked; another stage must move first
-                done_at = ready + t_transfer  # the operations of a batch run side by side
-                events.append(Event(r, r, str(action), "transfer", clock[r], done_at))
-                clock[r] = done_at
-                current[r] = None
-                pos[r] += 1
-                progressed = True
-    stuck = [r for r in range(p) if pos[r] < len(plans[r])]
-    if stuck:
-        waits = "; ".join(f"stage {r} waits in '{plans[r][pos[r]]}'" for r in stuck)
-        raise DeadlockError(f"the plans deadlock: {waits}")
-    return Simulation(total=max(clock) if clock else 0.0, events=events)
+    def advance(self, r: int) -> bool:
+        """Carry out stage `r`'s next action if it can; False if it is blocked."""
+        action = self.plans[r][self.pos[r]]
+        if isinstance(action, Step):
+            cost = self.tf[r] if action.kind == "F" else self.tb[r]
+            cat = "forward" if action.kind == "F" else "backward"
+            self.events.append(Event(r, r, str(action), cat, self.clock[r], self.clock[r] + cost, action.mb))
+            self.clock[r] += cost
+            self.pos[r] += 1
+            return True
+        posted_now = self.current[r] is None
+        if posted_now:  # post every operation of the batch now
+            self.current[r] = [self._post(r, t) for t in action.transfers]
+        ready = self._ready(r)
+        if ready is None:
+            return posted_now  # blocked; another stage must move first
+        done_at = ready + self.t_transfer  # the operations of a batch run side by side
+        self.events.append(Event(r, r, str(action), "transfer", self.clock[r], done_at))
+        self.clock[r] = done_at
+        self.current[r] = None
+        self.pos[r] += 1
+        return True
+
+    def _post(self, r: int, t: Transfer) -> tuple[str, Channel, int]:
+        ch = self.channel(r, t)
+        side = self.posted[t.op].setdefault(ch, [])
+        side.append((t.mb, self.clock[r]))
+        return t.op, ch, len(side) - 1
+
+    def _ready(self, r: int) -> float | None:
+        """When every operation of stage r's current exchange has both ends posted, or None."""
+        ready = self.clock[r]
+        for op, ch, idx in self.current[r] or []:
+            other = self.posted["recv" if op == "send" else "send"].get(ch, [])
+            if len(other) <= idx:
+                return None
+            mine_mb, mine_t = self.posted[op][ch][idx]
+            their_mb, their_t = other[idx]
+            if mine_mb != their_mb:
+                raise ValueError(
+                    f"channel {ch[0]}->{ch[1]} ({ch[2]}): operation {idx} is microbatch {mine_mb} "
+                    f"on one end and {their_mb} on the other"
+                )
+            ready = max(ready, mine_t, their_t)
+        return ready
 
 
 def simulate_schedule(

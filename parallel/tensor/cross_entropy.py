@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trident.parallel.tensor.mappings import all_reduce
+from trident.parallel.collectives import all_reduce
 from trident.parallel.topology import group_size
 
 

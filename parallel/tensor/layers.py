@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trident.parallel.collectives import all_reduce_coalesced
 from trident.parallel.tensor.mappings import (
-    all_reduce,
     copy_to_tp,
     gather_from_sp,
     gather_from_tp,
@@ -27,10 +27,8 @@ from trident.parallel.tensor.mappings import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
-from trident.parallel.tensor.sharding import Piece, set_pieces
+from trident.parallel.tensor.sharding import Piece, is_tp_partial, mark_tp_partial_grad, set_pieces
 from trident.parallel.topology import Topology
-
-PARTIAL_ATTR = "tp_partial_grad"
 
 
 @dataclass(frozen=True)
@@ -47,29 +45,15 @@ class Block:
     replicas: int = 1  # ranks holding the same rows (the size of grad_group)
 
 
-def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
-    """Flag a replicated parameter whose gradient on each tp rank is only a partial sum:
-    it was applied to this rank's sequence shard (sequence parallelism) or to this rank's
-    heads (QK-norm)."""
-    setattr(param, PARTIAL_ATTR, True)
-    return param
-
-
 def sync_tp_partial_grads(module: nn.Module, topo: Topology) -> None:
     """Sum over tp the gradients of parameters flagged by `mark_tp_partial_grad`.
 
     Called once after the backward passes of a step (before any data-parallel reduction),
     like Megatron's finalize step, rather than once per microbatch.
     """
-    grads = [p.grad for p in module.parameters() if getattr(p, PARTIAL_ATTR, False) and p.grad is not None]
-    if not grads or topo.tp == 1:
+    if topo.tp == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce(flat, topo.tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    all_reduce_coalesced([p.grad for p in module.parameters() if is_tp_partial(p) and p.grad is not None], topo.tp_group)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -18,47 +18,11 @@ A ``None`` group (or a group of one) makes every function the identity.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from trident.parallel.collectives import Group, all_gather_dim, all_reduce, reduce_scatter_dim
 from trident.parallel.topology import group_rank, group_size
 
-Group = dist.ProcessGroup | None
 SEQ_DIM = 1
-
-# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases have the old names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-# --- plain collectives (no autograd) ---------------------------------------------------
-def all_reduce(x: torch.Tensor, group: Group, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
-
-
-def all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim` (rank order)."""
-    n = group_size(group)
-    if n == 1:
-        return x
-    x = x.movedim(dim, 0).contiguous()
-    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
-    return out.movedim(0, dim)
-
-
-def reduce_scatter_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """Sum over ranks, then keep this rank's chunk along `dim`."""
-    n = group_size(group)
-    if n == 1:
-        return x
-    if x.shape[dim] % n != 0:
-        raise ValueError(f"reduce-scatter of size {x.shape[dim]} along dim {dim} over {n} ranks does not divide")
-    x = x.movedim(dim, 0).contiguous()
-    out = torch.empty((x.shape[0] // n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x, group=group)
-    return out.movedim(0, dim)
 
 
 def split_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:

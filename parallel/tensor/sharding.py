@@ -25,10 +25,49 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trident.parallel.tensor.mappings import all_reduce
+from trident.parallel.collectives import all_reduce, group_device
 from trident.parallel.topology import group_size
 
 _ATTR = "_trident_pieces"
+
+
+# --- per-parameter flags ---------------------------------------------------------------------
+# Facts about a parameter that the reductions need and only the code that creates the
+# parameter knows. Declared here, once; set by the model (`trident.model`) as it builds its
+# parameters; read by the pipeline's finalisation, the gradient buffers, the norm and the
+# checkpoint writer.
+TP_PARTIAL = "tp_partial_grad"
+"""Replicated over tp, but each tp rank's gradient is a partial sum (it was applied to this
+rank's sequence shard or heads): summed over tp once per step, before the dp reduction."""
+PIPELINE_TIED = "pipeline_tied"
+"""One of the two copies of an embedding tied across pipeline stages (first and last):
+their gradients are summed over the embedding group once per step."""
+PIPELINE_DUPLICATE = "pipeline_duplicate"
+"""The last stage's copy of a tied embedding: counted nowhere (norm, checkpoint, counts)."""
+
+
+def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
+    setattr(param, TP_PARTIAL, True)
+    return param
+
+
+def mark_pipeline_tied(param: nn.Parameter, duplicate: bool) -> nn.Parameter:
+    setattr(param, PIPELINE_TIED, True)
+    if duplicate:
+        setattr(param, PIPELINE_DUPLICATE, True)
+    return param
+
+
+def is_tp_partial(param: nn.Parameter) -> bool:
+    return getattr(param, TP_PARTIAL, False)
+
+
+def is_pipeline_tied(param: nn.Parameter) -> bool:
+    return getattr(param, PIPELINE_TIED, False)
+
+
+def is_pipeline_duplicate(param: nn.Parameter) -> bool:
+    return getattr(param, PIPELINE_DUPLICATE, False)
 
 
 @dataclass(frozen=True)
@@ -174,7 +213,7 @@ def gather_full(
         full[gname].narrow(piece.dim, piece.start, piece.length).add_(value)
         counts[gname].narrow(piece.dim, piece.start, piece.length).add_(1.0)
     if group_size(group) > 1:
-        device = _comm_device(group)
+        device = group_device(group)
         for gname in sorted(full):
             t, c = full[gname].to(device), counts[gname].to(device)
             all_reduce(t, group)
@@ -184,7 +223,3 @@ def gather_full(
         full[gname] = t / counts[gname].clamp_min(1.0)
     return full
 
-
-def _comm_device(group: dist.ProcessGroup) -> torch.device:
-    backend = dist.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

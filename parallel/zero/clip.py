@@ -12,7 +12,7 @@ gives the global sum:
   head) is weighted 1/replicas; padding rows of a vocabulary shard belong to no global
   tensor and weigh 0 (`trident.parallel.tensor.sharding.Piece`);
 * pp: stages hold disjoint layers, except the last stage's copy of a tied embedding,
-  which weighs 0 (`trident.parallel.pipeline.executor.is_pipeline_duplicate`).
+  which weighs 0 (`trident.parallel.tensor.sharding.is_pipeline_duplicate`).
 
 Because the groups tile the world, a single all-reduce over the default group replaces
 three (tp, then pp, then dp). The same collective carries a count of non-finite
@@ -34,12 +34,12 @@ import torch.distributed as dist
 from torch import nn
 
 from trident.errors import UserError
-from trident.parallel.tensor.sharding import pieces_of, tp_replicas
+from trident.parallel.collectives import comm_device
+from trident.parallel.tensor.sharding import is_pipeline_duplicate, pieces_of, tp_replicas
 from trident.parallel.topology import Topology
 from trident.parallel.zero.grad_buffer import GradBuffer
 
 NONFINITE_POLICIES = ("auto", "skip", "error")
-DUPLICATE_ATTR = "pipeline_duplicate"  # trident.parallel.pipeline.executor.is_pipeline_duplicate
 Exclude = Callable[[str, nn.Parameter], bool]
 
 
@@ -49,7 +49,7 @@ class NonFiniteGradientError(RuntimeError):
 
 def default_exclude(name: str, param: nn.Parameter) -> bool:
     """Parameters that are a second copy of a tensor counted elsewhere (tied embedding)."""
-    return bool(getattr(param, DUPLICATE_ATTR, False) or getattr(param, "shared_duplicate", False))
+    return is_pipeline_duplicate(param)
 
 
 def resolve_nonfinite_policy(policy: str, dtype: str) -> str:
@@ -159,29 +159,11 @@ def global_norm_from_local(sq: torch.Tensor, bad: torch.Tensor, topo: Topology) 
     """Sum the per-rank shares over the whole job: (norm, found non-finite)."""
     t = torch.stack([sq.double(), bad.double()])
     if topo.world > 1 and dist.is_initialized():
-        if t.device.type != "cuda":
-            t = t.cpu()
+        t = t.to(comm_device(topo))
         dist.all_reduce(t)
     total, count = t.tolist()
     found = count > 0 or not math.isfinite(total)
     return (math.sqrt(total) if math.isfinite(total) else total), found
-
-
-def module_grad_norm(module: nn.Module, topo: Topology, exclude: Exclude | None = None) -> tuple[float, bool]:
-    """The global norm from plain ``param.grad`` tensors already reduced over dp (no
-    GradBuffer): every dp replica holds the same values, so only dp rank 0 contributes."""
-    exclude = exclude or default_exclude
-    sq = torch.zeros((), dtype=torch.float64)
-    bad = torch.zeros((), dtype=torch.float64)
-    if topo.dp_rank == 0:
-        for name, p in module.named_parameters():
-            if p.grad is None:
-                continue
-            g = p.grad.detach().reshape(-1).cpu()
-            bad += (~torch.isfinite(g)).sum()
-            w = _element_weights(name, p, topo.tp, exclude(name, p))
-            sq += (g.double().pow(2) * w).sum()
-    return global_norm_from_local(sq, bad, topo)
 
 
 def clip_(grads: list[torch.Tensor], coefficient: float) -> None:

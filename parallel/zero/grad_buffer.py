@@ -49,15 +49,11 @@ import torch.distributed as dist
 from torch import nn
 
 from trident.errors import UserError
-from trident.parallel.tensor.layers import PARTIAL_ATTR
+from trident.parallel.collectives import all_gather_single, group_device, reduce_scatter_single
+from trident.parallel.tensor.sharding import is_pipeline_tied, is_tp_partial
 from trident.parallel.topology import Topology
 
-# torch 2.13 names the tensor-in/tensor-out collectives *_single; older releases do not.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
 ALIGN = 16  # elements; each rank's shard of a bucket starts on a 64-byte boundary
-TIED_ATTR = "pipeline_tied"  # set by trident.parallel.pipeline.executor.mark_tied_embedding
 
 
 @dataclass
@@ -122,10 +118,9 @@ class GradBuffer:
             raise UserError(f"all trainable parameters must share one dtype, found {sorted(map(str, dtypes))}")
         self.param_dtype = dtypes.pop()
         self.device = named[0][1].device
-        self._mark_tied(model)
 
         def deferred(p: nn.Parameter) -> bool:
-            return (getattr(p, PARTIAL_ATTR, False) and topo.tp > 1) or getattr(p, TIED_ATTR, False)
+            return (is_tp_partial(p) and topo.tp > 1) or is_pipeline_tied(p)
 
         # Reverse order approximates the order backward produces gradients in; deferred
         # parameters go last because they are reduced only after finalisation.
@@ -153,18 +148,6 @@ class GradBuffer:
         ]
 
     # --- construction -----------------------------------------------------------------------
-    @staticmethod
-    def _mark_tied(model: nn.Module) -> None:
-        # A tied embedding split across the pipeline must be deferred; flag it now even if
-        # the model was built without `build_stage` (the executor would flag it too late).
-        try:
-            from trident.parallel.pipeline.executor import mark_tied_embedding
-        except ImportError:  # the pipeline module is optional for a pp=1 user
-            return
-        topo = getattr(model, "topo", None)
-        if topo is not None:
-            mark_tied_embedding(model, topo)
-
     def _make_bucket(self, params: list[tuple[str, nn.Parameter]], is_deferred: bool) -> None:
         index = len(self.buckets)
         used = sum(p.numel() for _, p in params)
@@ -199,16 +182,13 @@ class GradBuffer:
         if self.dp == 1:
             return
         sig = float(sum((i + 1) * b.numel for i, b in enumerate(self.buckets)) + 1e9 * len(self.buckets))
-        t = torch.tensor([sig, -sig], dtype=torch.float64, device=self._comm_device())
+        t = torch.tensor([sig, -sig], dtype=torch.float64, device=group_device(self.group))
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         if t[0].item() != -t[1].item():
             raise UserError(
                 "the ranks of a dp group hold differently shaped models (their gradient buckets differ); "
                 "every dp replica must build the same model with the same bucket size"
             )
-
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     # --- the backward protocol -----------------------------------------------------------------
     def before_backward(self, mb: int, is_last: bool) -> None:
@@ -280,7 +260,7 @@ class GradBuffer:
                 b.work = dist.all_reduce(data, group=self.group, async_op=True)
             else:
                 b.scatter_out = torch.empty(b.shard_end - b.shard_start, dtype=torch.float32, device=self.device)
-                b.work = _reduce_scatter_single(b.scatter_out, data, group=self.group, async_op=True)
+                b.work = reduce_scatter_single(b.scatter_out, data, group=self.group, async_op=True)
         b.launched = True
         self._next_launch = b.index + 1
 
@@ -345,10 +325,6 @@ class GradBuffer:
                 slot.param.grad = None
         self._armed, self._accumulated, self._synced, self._next_launch = True, False, False, 0
 
-    @property
-    def synced(self) -> bool:
-        return self._synced
-
     # --- parameters ----------------------------------------------------------------------------
     def gather_params(self, shards: list[torch.Tensor]) -> None:
         """Write each bucket's owned range from `shards` (fp32) and all-gather the rest.
@@ -363,7 +339,7 @@ class GradBuffer:
                 continue
             # a separate input: the output buffer aliases my own range
             src = shard.to(self.param_dtype, copy=True)
-            works.append(_all_gather_single(b.param_data, src, group=self.group, async_op=True))
+            works.append(all_gather_single(b.param_data, src, group=self.group, async_op=True))
         for w in works:
             w.wait()
 

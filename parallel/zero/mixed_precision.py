@@ -12,7 +12,7 @@ a step whose gradients hold inf/NaN is skipped and the scale is multiplied by
 `growth_factor`. The inf/NaN check must agree on every rank (tp, pp and dp) or ranks
 would diverge, some stepping and some not; the optimizer gets that agreement for free
 from the all-reduce of the global gradient norm (`trident.parallel.zero.clip`), and
-`any_rank` below offers the same for callers without a norm.
+`trident.parallel.collectives.any_rank` offers the same for callers without a norm.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from trident.errors import UserError
-from trident.parallel.topology import Topology
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -161,19 +159,3 @@ class LossScaler:
 
     def __repr__(self) -> str:
         return f"LossScaler(dynamic={self.dynamic}, scale={self.scale}, clean_steps={self.clean_steps})"
-
-
-def any_rank(flag: bool, topo: Topology) -> bool:
-    """True on every rank if `flag` is true on any rank of the job (tp, pp and dp).
-
-    The groups tile the world, so one all-reduce over the default group covers them all.
-    """
-    if topo.world == 1 or not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(topo))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _comm_device(topo: Topology) -> torch.device:
-    return topo.device if topo.device.type == "cuda" else torch.device("cpu")

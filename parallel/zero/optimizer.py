@@ -38,14 +38,14 @@ geometry of where those elements lie).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from trident.errors import UserError
-from trident.parallel.tensor.sharding import global_name, pieces_of
 from trident.parallel.topology import Topology
+from trident.parallel.zero import optimizer_state
 from trident.parallel.zero.clip import (
     Exclude,
     NonFiniteGradientError,
@@ -55,47 +55,37 @@ from trident.parallel.zero.clip import (
     default_exclude,
     resolve_nonfinite_policy,
 )
-from trident.parallel.zero.grad_buffer import GradBuffer
+from trident.parallel.zero.grad_buffer import Bucket, GradBuffer
 from trident.parallel.zero.mixed_precision import LossScaler, MixedPrecisionConfig, dtype_name
-from trident.parallel.zero.state_layout import (
-    KINDS,
-    assemble,
-    block_runs,
-    entry_runs,
-    gather_runs,
-    overlap,
-    piece_range,
-    read_values,
-    scatter_values,
-    span,
-)
-
-STATE_FORMAT = "trident-optimizer/1"
 
 
 @dataclass
 class OptimizerConfig:
-    """AdamW and ZeRO settings; the names match the training config's ``optim`` section."""
+    """AdamW and ZeRO settings. The run config's ``optim`` section *is* this class (a
+    subclass that adds the learning-rate schedule and loss-scale keys), so every field is
+    declared and documented once, here."""
 
     lr: float = 3e-4
-    """Learning rate of every group until a scheduler sets ``param_groups[i]["lr"]``."""
+    """Peak learning rate, reached at the end of warm-up (the schedule sets each step's)."""
     weight_decay: float = 0.1
-    """Decoupled weight decay (never on biases and norm weights)."""
+    """AdamW decoupled weight decay (never on biases and norm weights)."""
     decay_embeddings: bool = True
-    """Apply weight decay to the input and position embeddings."""
+    """Apply weight decay to the input token and position embeddings (and so to a tied
+    output head, which is the token embedding); an untied output head is always decayed."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.95
+    """AdamW beta2."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     zero: int = 1
-    """0 replicated, 1 sharded optimizer state, 2 also sharded gradients."""
+    """ZeRO stage: 0 replicated optimizer, 1 sharded optimizer state, 2 also sharded gradients."""
     bucket_mb: float = 25.0
-    """Size of a gradient-reduction bucket in MB of fp32 gradient."""
+    """Size of a gradient-reduction bucket, in MB of fp32 gradient."""
     overlap_grad_reduce: bool = True
     """Launch each bucket's reduction during backward as soon as its gradients are ready."""
-    on_nonfinite: str = "auto"
-    """inf/NaN gradients: skip the step, raise an error, or auto (skip under fp16, else error)."""
 
     def validate(self) -> "OptimizerConfig":
         if self.zero not in (0, 1, 2):
@@ -112,19 +102,12 @@ class OptimizerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise UserError(f"optim.{name}={value!r} must be in [0, 1)")
-        resolve_nonfinite_policy(self.on_nonfinite, "fp32")
         return self
 
     @property
     def bucket_size(self) -> int:
         """Elements per bucket."""
         return max(1, int(self.bucket_mb * 2**20 / 4))
-
-    @classmethod
-    def from_section(cls, section: object) -> "OptimizerConfig":
-        """Copy the fields of the training config's ``optim`` section that this config has."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)}).validate()
 
 
 @dataclass
@@ -176,7 +159,10 @@ class DistributedOptimizer:
         config: OptimizerConfig | None = None,
         precision: MixedPrecisionConfig | None = None,
         exclude_from_norm: Exclude | None = None,
+        on_nonfinite: str = "auto",
     ) -> None:
+        """`on_nonfinite`: inf/NaN gradients skip the step (``skip``), raise (``error``), or
+        ``auto`` (skip under fp16, where overflow is routine; raise otherwise)."""
         self.cfg = (config or OptimizerConfig()).validate()
         self.precision = (precision or MixedPrecisionConfig()).validate()
         self.topo = topo
@@ -187,7 +173,7 @@ class DistributedOptimizer:
                 f"{self.precision.dtype!r}; build the model with dtype={self.precision.torch_dtype}"
             )
         self.scaler = LossScaler.from_config(self.precision)
-        self.nonfinite = resolve_nonfinite_policy(self.cfg.on_nonfinite, self.precision.dtype)
+        self.nonfinite = resolve_nonfinite_policy(on_nonfinite, self.precision.dtype)
         self.norm = ShardNorm(self.buffer, topo, exclude_from_norm)
         self.exclude = exclude_from_norm or default_exclude
         self.step_count = 0
@@ -201,7 +187,11 @@ class DistributedOptimizer:
         for slot in self.buffer.slots.values():
             self.param_groups[0 if slot.name in decay_set else 1]["params"].append(slot.name)
 
-        # flat fp32 state for this rank's ranges of all buckets, with per-bucket views
+        self._build_state(decay_set)
+
+    def _build_state(self, decay_set: set[str]) -> None:
+        """Flat fp32 state for this rank's ranges of all buckets, with per-bucket views, and
+        the (start, end, param group) segments of each range."""
         sizes = [b.shard_end - b.shard_start for b in self.buffer.buckets]
         total, dev = sum(sizes), self.buffer.device
         self._exp_avg_flat = torch.zeros(total, dtype=torch.float32, device=dev)
@@ -223,17 +213,7 @@ class DistributedOptimizer:
                 m = self._master_flat[offset : offset + n]
                 m.copy_(own.float())
                 self.master.append(m)
-            segs: list[tuple[int, int, int]] = []
-            for slot in b.slots:
-                s, e = max(b.shard_start, slot.start), min(b.shard_end, slot.start + slot.numel)
-                if s < e:
-                    g = 0 if slot.name in decay_set else 1
-                    s, e = s - b.shard_start, e - b.shard_start
-                    if segs and segs[-1][1] == s and segs[-1][2] == g:
-                        segs[-1] = (segs[-1][0], e, g)
-                    else:
-                        segs.append((s, e, g))
-            self.segments.append(segs)
+            self.segments.append(_group_segments(b, decay_set))
             offset += n
 
     # --- the step protocol ------------------------------------------------------------------
@@ -278,7 +258,7 @@ class DistributedOptimizer:
             if self.nonfinite == "error":
                 raise NonFiniteGradientError(
                     f"the global gradient norm is {norm} (inf/NaN gradients) at step {self.step_count + 1}; "
-                    f"set optim.on_nonfinite='skip' to skip such steps instead"
+                    "set train.nonfinite=skip to skip such steps instead"
                 )
             self.scaler.update(found_inf=True)
             return StepResult(stepped=False, grad_norm=norm, clip_coef=1.0, loss_scale=self.scaler.scale)
@@ -335,171 +315,28 @@ class DistributedOptimizer:
         )
         return report
 
-    # --- state ------------------------------------------------------------------------------
-    def _entries(self) -> list[tuple[dict, int, int]]:
-        """(metadata, bucket index, offset of the entry's first local element in the bucket's
-        state range) for every (parameter piece x owned range) of this rank."""
-        out = []
-        for i, b in enumerate(self.buffer.buckets):
-            for slot in b.slots:
-                s, e = max(b.shard_start, slot.start), min(b.shard_end, slot.start + slot.numel)
-                if s >= e:
-                    continue
-                a, z = s - slot.start, e - slot.start  # flat range within the parameter
-                shape = tuple(slot.param.shape)
-                for piece in pieces_of(slot.param, slot.name.rpartition(".")[2]):
-                    p0, p1 = piece_range(shape, piece, a, z)
-                    if p0 == p1:
-                        continue
-                    gname = global_name(slot.name, piece)
-                    meta = {
-                        "key": f"{gname}@{slot.name}[{a}:{z}]",
-                        "global_name": gname,
-                        "global_shape": list(piece.global_shape),
-                        "param": slot.name,
-                        "local_shape": list(shape),
-                        "local_range": [a, z],
-                        "piece": {"dim": piece.dim, "start": piece.start, "length": piece.length,
-                                  "local_start": piece.local_start, "replicas": piece.replicas},
-                        "count": p1 - p0,
-                        "duplicate": bool(self.exclude(slot.name, slot.param)),
-                    }
-                    out.append((meta, i, s - b.shard_start))
-        return out
-
-    def _local_runs(self, kind: int, meta: dict, i: int, off: int) -> list[torch.Tensor]:
-        """Views of this rank's state `KINDS[kind]` that hold `meta`'s values, in stored order."""
-        src = (self.master, self.exp_avg, self.exp_avg_sq)[kind][i]
-        a, z = meta["local_range"]
-        return entry_runs(meta, src[off : off + z - a], local=True)
-
+    # --- state (`trident.parallel.zero.optimizer_state`) ----------------------------------------
     def state_dict(self) -> dict:
-        """``{"tensors": {name: fp32 tensor}, "meta": JSON-able}`` — safetensors-ready.
+        """``{"tensors": {name: fp32 tensor}, "meta": JSON-able}``: safetensors-ready."""
+        return optimizer_state.state_dict(self)
 
-        Each entry of ``meta["entries"]`` names the global tensor, the piece of it that
-        the local parameter holds, and the parameter's flat element range this rank owns;
-        the stored values are one contiguous range of the piece's elements (`entry_runs`
-        finds them in the global tensor), which is all a resharding loader needs.
-        """
-        tensors: dict[str, torch.Tensor] = {}
-        entries = []
-        for meta, i, off in self._entries():
-            for k, kind in enumerate(KINDS):
-                tensors[f"{kind}/{meta['key']}"] = gather_runs(self._local_runs(k, meta, i, off), meta["count"])
-            entries.append(meta)
-        t = self.topo
-        return {
-            "tensors": tensors,
-            "meta": {
-                "format": STATE_FORMAT,
-                "layout": {"tp": t.tp, "pp": t.pp, "dp": t.dp, "tp_rank": t.tp_rank, "pp_rank": t.pp_rank,
-                           "dp_rank": t.dp_rank, "zero": self.cfg.zero},
-                "step": self.step_count,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-                "loss_scaler": self.scaler.state_dict(),
-                "entries": entries,
-            },
-        }
-
-    @torch.no_grad()
     def load_state_dict(self, states: dict | list[dict]) -> None:
-        """Load from one or more ranks' `state_dict`s, saved at any layout and zero stage.
+        """Load from one or more ranks' `state_dict`s, saved at any layout and zero stage
+        (collective over dp: every rank must call it)."""
+        optimizer_state.load_state_dict(self, states)
 
-        Every element this rank owns must be present in `states` (its own state dict
-        suffices at the same layout; give every rank's to change layout). Collective over
-        dp (the updated parameters are all-gathered), so every rank must call it.
 
-        A state's ``tensors`` is a dict of tensors or an open safetensors file (`safe_open`),
-        which is read lazily (``get_slice``): only the stored entries, and of them only the
-        element ranges, that overlap what this rank owns are read, so a resharding load
-        costs about this rank's share of the state, not every rank's files.
-
-        A saved entry holding exactly the elements a local entry needs (the same layout)
-        is copied straight in; otherwise every saved entry of the same global tensor that
-        overlaps it gives the overlap, read as one contiguous range of its stored values
-        (`overlap`).
-        """
-        states = [states] if isinstance(states, dict) else list(states)
-        for st in states:
-            if st.get("meta", {}).get("format") != STATE_FORMAT:
-                raise UserError(f"not an optimizer state of format {STATE_FORMAT!r}: {st.get('meta', {}).get('format')!r}")
-        wanted: dict[str, list[tuple[dict, int, int]]] = {}
-        for meta, i, off in self._entries():
-            wanted.setdefault(meta["global_name"], []).append((meta, i, off))
-        saved: dict[str, list[tuple[dict, dict]]] = {}
-        for st in states:
-            for meta in st["meta"]["entries"]:
-                if meta["global_name"] in wanted:
-                    saved.setdefault(meta["global_name"], []).append((meta, st["tensors"]))
-        for gname, wants in wanted.items():
-            sources = saved.get(gname, [])
-            shape = wants[0][0]["global_shape"]
-            for meta, _ in sources:
-                if list(meta["global_shape"]) != list(shape):
-                    raise UserError(f"the saved optimizer state holds {gname!r} with shape {meta['global_shape']}, "
-                                    f"this model's is {shape}")
-            exact = {span(meta): (meta, tensors) for meta, tensors in sources}
-            for meta, i, off in wants:
-                hit = exact.get(span(meta))
-                if hit is not None:
-                    src_meta, tensors = hit
-                    for k, kind in enumerate(KINDS):
-                        scatter_values(read_values(tensors, f"{kind}/{src_meta['key']}"), self._local_runs(k, meta, i, off))
-                    continue
-                if any(src["piece"]["dim"] != meta["piece"]["dim"] for src, _ in sources):
-                    covered = self._load_assembled(meta, i, off, sources)  # sliced along another dim
-                else:
-                    covered = self._load_overlaps(meta, i, off, sources)
-                if not covered:
-                    raise UserError(
-                        f"the given optimizer states lack elements of {gname!r} that dp rank {self.topo.dp_rank} "
-                        f"(tp {self.topo.tp_rank}, pp {self.topo.pp_rank}) owns; pass the state dicts of every saved rank"
-                    )
-        meta0 = states[0]["meta"]
-        self.step_count = int(meta0["step"])
-        # the lr is restored (the schedule sets it every step anyway); the weight decay stays
-        # the run's config value, so a resumed or imported run decays as its config says
-        for group, saved_group in zip(self.param_groups, meta0["param_groups"]):
-            group["lr"] = float(saved_group["lr"])
-        self.scaler.load_state_dict(meta0["loss_scaler"])
-        self.buffer.gather_params(self.master)
-
-    def _load_overlaps(self, meta: dict, i: int, off: int, sources: list[tuple[dict, object]]) -> bool:
-        """Fill local entry `meta` from the saved entries of its global tensor (sliced along
-        the same dim) that overlap it, reading from each only the stored range spanning the
-        overlap; returns whether every element was found. A saved entry whose overlap is
-        already filled (a tp replica, a tied copy) is not read."""
-        a, z = meta["local_range"]
-        covered = torch.zeros(z - a, dtype=torch.bool)  # over the local flat range, like the state views
-        for src, tensors in sources:
-            ov = overlap(meta, src)
-            if ov is None:
-                continue
-            q0, q1, row, local_base, local_stride, stored_base, stored_stride = ov
-            mask = block_runs(covered, local_base, local_stride, row, q0, q1)
-            if all(bool(r.all()) for r in mask):
-                continue
-            (o0, r0), (o1, r1) = divmod(q0, row), divmod(q1 - 1, row)
-            lo, hi = stored_base + o0 * stored_stride + r0, stored_base + o1 * stored_stride + r1 + 1
-            for k, kind in enumerate(KINDS):
-                values = read_values(tensors, f"{kind}/{src['key']}", lo, hi)
-                if values.numel() != hi - lo:
-                    raise UserError(f"optimizer entry {src['key']!r} stores fewer values than its metadata says")
-                state = (self.master, self.exp_avg, self.exp_avg_sq)[k][i][off : off + z - a]
-                for dst, val in zip(block_runs(state, local_base, local_stride, row, q0, q1),
-                                    block_runs(values, stored_base - lo, stored_stride, row, q0, q1)):
-                    dst.copy_(val)
-            for r in mask:
-                r.fill_(True)
-        return all(bool(r.all()) for r in entry_runs(meta, covered, local=True))
-
-    def _load_assembled(self, meta: dict, i: int, off: int, sources: list[tuple[dict, object]]) -> bool:
-        """Fill local entry `meta` from its whole global tensor, assembled from every saved
-        entry of it (read whole): for saved pieces cut along another dim than the local one."""
-        full = assemble(sources, math.prod(meta["global_shape"]))
-        if not all(bool(r.all()) for r in entry_runs(meta, full[-1])):
-            return False
-        for k in range(len(KINDS)):
-            for dst, src in zip(self._local_runs(k, meta, i, off), entry_runs(meta, full[k])):
-                dst.copy_(src)
-        return True
+def _group_segments(b: Bucket, decay_set: set[str]) -> list[tuple[int, int, int]]:
+    """Maximal runs of a bucket's owned range that belong to one param group (0 decay,
+    1 no decay), relative to the range's start: AdamW steps each run in one call."""
+    segs: list[tuple[int, int, int]] = []
+    for slot in b.slots:
+        s, e = max(b.shard_start, slot.start), min(b.shard_end, slot.start + slot.numel)
+        if s < e:
+            g = 0 if slot.name in decay_set else 1
+            s, e = s - b.shard_start, e - b.shard_start
+            if segs and segs[-1][1] == s and segs[-1][2] == g:
+                segs[-1] = (segs[-1][0], e, g)
+            else:
+                segs.append((s, e, g))
+    return segs

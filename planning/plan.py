@@ -1,0 +1,114 @@
+"""What a prediction takes and what it gives: `Settings` in, `StagePlan` and `Plan` out.
+
+These are plain records, kept apart from the arithmetic so that the memory model
+(`trident.planning.plan_memory`), the cost model (`trident.planning.plan_cost`) and the
+planner that composes them (`trident.planning.planner`) can all name them without
+importing one another. The derived figures a reader of `trident plan` sees (peak bytes,
+tokens/s, MFU, whether a layout fits) are properties here, computed from the records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trident.planning.devices import Device
+from trident.planning.plan_memory import ActivationBytes, StateBytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a prediction depends on besides the model config."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero: int
+    recompute: str
+    micro_batch_size: int
+    seq_len: int
+    global_batch_size: int
+    sequence_parallel: bool
+    dtype: str
+    schedule: str = "1f1b"
+    split: tuple[int, ...] | None = None
+    bucket_mb: float = 25.0
+    doc_masking: bool = True
+    overlap_grad_reduce: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+
+@dataclass
+class StagePlan:
+    """One rank of pipeline stage `stage` (every tp and dp rank of a stage holds the same)."""
+
+    stage: int
+    layers: range
+    state: StateBytes
+    activations: ActivationBytes
+
+    @property
+    def param_bytes(self) -> int:
+        return self.state.param_bytes
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.state.grad_bytes
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return self.state.optimizer_bytes
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.activations.peak
+
+    @property
+    def measurable_bytes(self) -> int:
+        """What a rank's `MemoryReport.total_bytes` measures: state plus saved activations."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """The step's peak: the full gradient buffer during backward, and the stage
+        inputs/outputs the pipeline executor holds besides autograd's saved tensors."""
+        return (self.param_bytes + self.state.grad_peak_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.activations.pipeline_buffer)
+
+
+@dataclass
+class Plan:
+    settings: Settings
+    device: Device
+    stages: list[StagePlan]
+    model_flops: float  # per step, whole job, no recomputation (what MFU counts)
+    hardware_flops: float  # per step, whole job, with recomputation
+    comm_bytes: dict[str, float]  # bytes one rank sends per step, by group (the busiest rank)
+    step_time_s: float
+    breakdown: dict[str, float] = field(default_factory=dict)  # seconds, by part
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(s.peak_bytes for s in self.stages)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.settings.global_batch_size * self.settings.seq_len / self.step_time_s
+
+    @property
+    def mfu(self) -> float:
+        peak = self.device.peak_tflops(self.settings.dtype) * 1e12
+        return self.model_flops / (self.step_time_s * self.settings.world * peak)
+
+    def fits(self, memory_bytes: int) -> bool:
+        return self.peak_bytes <= memory_bytes

@@ -1,0 +1,163 @@
+"""What a layout costs besides memory: FLOPs, bytes on each link, and a step time.
+
+Split from the planner because this is one model with its own assumptions, all stated
+here, that can be read and changed without touching the memory accounting:
+
+* FLOPs: the model FLOPs of `trident.training.metrics.flops_per_token` (what MFU is
+  computed from) plus what recomputation repeats (full: every layer's forward;
+  selective: the attention scores and weighted sum).
+* Bytes each rank sends per step in each group: tp (the layers' all-reduces, or
+  all-gathers and reduce-scatters under sequence parallelism, forward and backward,
+  again for a full recomputation), pp (activations forward, gradients backward), dp
+  (gradient all-reduce at ZeRO-0; reduce-scatter plus the parameter all-gather at
+  ZeRO-1/2), and the tied-embedding gradient sum between first and last stage. Ring
+  algorithms: an all-reduce of n bytes over g ranks sends 2 (g-1)/g n per rank, an
+  all-gather or reduce-scatter (g-1)/g n.
+* A step time from a roofline with the declared device figures
+  (`trident.planning.devices`): each stage's microbatch takes max(FLOPs / achievable
+  peak, bytes / memory bandwidth) plus its tp and pp transfers (on NVLink inside a node,
+  the network across nodes; Megatron's rank order keeps tp innermost), the 1F1B pipeline
+  runs (m + pp - 1) slots of the slowest stage, the dp reduction is exposed beyond the
+  last microbatch's backward, and the optimizer streams its state once. It is a model,
+  not a measurement: use it to rank layouts.
+"""
+
+from __future__ import annotations
+
+from trident.model.config import ModelConfig
+from trident.parallel.tensor.layers import padded_vocab_size
+from trident.planning.devices import Device
+from trident.planning.plan import Settings, StagePlan
+from trident.planning.plan_memory import DTYPE_BYTES
+
+
+# --- FLOPs ------------------------------------------------------------------------------------
+def _layer_matmul_params(model: ModelConfig) -> int:
+    h, f, kv_dim = model.hidden, model.ffn, model.kv_heads * model.head_dim
+    return h * (h + 2 * kv_dim) + h * h + (3 if model.activation == "swiglu" else 2) * h * f
+
+
+def recompute_flops_per_token(model: ModelConfig, st: Settings) -> float:
+    """Forward FLOPs per token that recomputation repeats in backward."""
+    attention = 4.0 * model.n_layers * model.hidden * st.seq_len  # QK^T and PV, forward
+    if st.recompute == "full":
+        return 2.0 * model.n_layers * _layer_matmul_params(model) + attention
+    if st.recompute == "selective":
+        return attention
+    return 0.0
+
+
+def _stage_flops_per_microbatch(model: ModelConfig, st: Settings, stage: StagePlan) -> float:
+    """Training FLOPs one rank of `stage` spends on one microbatch (with recomputation)."""
+    h, s = model.hidden, st.seq_len
+    per_token_layer = 6.0 * _layer_matmul_params(model) + 12.0 * h * s
+    per_token_layer += recompute_flops_per_token(model, st) / model.n_layers
+    per_token = len(stage.layers) * per_token_layer
+    if stage.stage == st.pp - 1:
+        per_token += 6.0 * model.vocab_size * h
+    return per_token * st.micro_batch_size * s / st.tp
+
+
+# --- communication ----------------------------------------------------------------------------
+def _ring(kind: str, n: float, g: int) -> float:
+    """Bytes one rank sends for a collective over `g` ranks on `n` bytes (ring algorithms)."""
+    if g <= 1:
+        return 0.0
+    return (2.0 if kind == "all_reduce" else 1.0) * (g - 1) / g * n
+
+
+def _tp_bytes_per_microbatch(model: ModelConfig, st: Settings, stage: StagePlan) -> tuple[float, int]:
+    """Bytes one tp rank sends for one microbatch on `stage`, and how many collectives."""
+    t, e = st.tp, DTYPE_BYTES[st.dtype]
+    if t == 1:
+        return 0.0, 0
+    n = st.micro_batch_size * st.seq_len * model.hidden * e  # a full [b, s, h] activation
+    # per layer, forward and backward each: two all-reduces (or an all-gather and a
+    # reduce-scatter per all-reduce under sp: the same bytes); full recompute: forward again
+    passes = 3 if st.recompute == "full" else 2
+    per_layer = passes * 2 * _ring("all_reduce", n, t)
+    calls = passes * (4 if st.sp else 2)
+    if model.kv_heads % t != 0:  # replicated kv weights: their gradient is summed per microbatch
+        replicas = t // model.kv_heads
+        per_layer += _ring("all_reduce", 2 * model.head_dim * model.hidden * e, replicas)
+        calls += 1
+    total = len(stage.layers) * per_layer
+    calls *= len(stage.layers)
+    if stage.stage == 0:  # embedding: all-reduce (or reduce-scatter, all-gather in backward)
+        total += _ring("all_reduce", n, t)
+        calls += 2 if st.sp else 1
+    if stage.stage == st.pp - 1:  # head input, and the cross-entropy's three [b, s] all-reduces
+        total += _ring("all_reduce", n, t) + 3 * _ring("all_reduce", 4 * st.micro_batch_size * st.seq_len, t)
+        calls += (2 if st.sp else 1) + 3
+    return total, calls
+
+
+def _boundary_bytes(model: ModelConfig, st: Settings) -> float:
+    """Bytes of the activation one microbatch sends between pipeline stages."""
+    seq = st.seq_len // st.tp if st.sp else st.seq_len
+    return st.micro_batch_size * seq * model.hidden * DTYPE_BYTES[st.dtype]
+
+
+def comm_bytes(model: ModelConfig, st: Settings, stages: list[StagePlan]) -> dict[str, float]:
+    """Bytes the busiest rank sends per step, by group: tp, pp, dp (and the tied embedding)."""
+    m, e = st.microbatches, DTYPE_BYTES[st.dtype]
+    out: dict[str, float] = {}
+    out["tp"] = max(_tp_bytes_per_microbatch(model, st, s)[0] for s in stages) * m
+    act = _boundary_bytes(model, st)
+    out["pp"] = (2 if st.pp > 2 else 1) * m * act if st.pp > 1 else 0.0
+    dp = 0.0
+    for s in stages:
+        grads = s.state.padded_numel * 4
+        if st.zero == 0:
+            b = _ring("all_reduce", grads, st.dp)
+        else:
+            b = _ring("reduce_scatter", grads, st.dp) + _ring("all_gather", s.state.padded_numel * e, st.dp)
+        dp = max(dp, b)
+    out["dp"] = dp
+    if model.tie_embeddings and st.pp > 1:
+        vocab = padded_vocab_size(model.vocab_size, model.vocab_pad_multiple, st.tp) // st.tp
+        out["embedding"] = _ring("all_reduce", vocab * model.hidden * e, 2)
+    return out
+
+
+# --- time -------------------------------------------------------------------------------------
+def _bandwidth(device: Device, group_span: int) -> float:
+    """Bytes/s of a group whose ranks lie within `group_span` consecutive global ranks."""
+    return 1e9 * (device.intra_gbps if group_span <= device.per_node else device.inter_gbps)
+
+
+def step_time(
+    model: ModelConfig, st: Settings, device: Device, stages: list[StagePlan], comm: dict[str, float]
+) -> tuple[float, dict[str, float]]:
+    """Predicted seconds per step, and its parts: pipeline, bubble, dp_exposed, optimizer."""
+    peak = device.peak_tflops(st.dtype) * 1e12 * device.matmul_efficiency
+    hbm = device.hbm_gbps * 1e9
+    e = DTYPE_BYTES[st.dtype]
+    m = st.microbatches
+    lat = device.latency_us * 1e-6
+    tp_bw = _bandwidth(device, st.tp)
+    dp_bw = _bandwidth(device, st.tp * st.dp)
+    pp_bw = _bandwidth(device, st.world)
+    slot = 0.0
+    compute = 0.0
+    for s in stages:
+        flops = _stage_flops_per_microbatch(model, st, s)
+        # weights read in forward and twice in backward, fp32 gradients accumulated, the
+        # saved activations written and read back (twice over under full recomputation)
+        numel = s.state.numel
+        traffic = numel * (3 * e + 8) + s.activations.per_microbatch * (4 if st.recompute == "full" else 2)
+        work = max(flops / peak, traffic / hbm)
+        tp_b, tp_calls = _tp_bytes_per_microbatch(model, st, s)
+        link = tp_b / tp_bw + tp_calls * lat
+        if st.pp > 1:
+            act = _boundary_bytes(model, st)
+            link += 2 * (act / pp_bw + lat)
+        if work + link > slot:
+            slot, compute = work + link, work
+    pipeline = (m + st.pp - 1) * slot if st.schedule in ("1f1b", "gpipe") else m * slot
+    dp_time = comm["dp"] / dp_bw + (2 * lat * max(1, len(stages)) if st.dp > 1 else 0.0)
+    if st.overlap_grad_reduce:
+        dp_time = max(0.0, dp_time - 2.0 / 3.0 * compute)  # hidden behind the last backward
+    optimizer = max((s.optimizer_bytes + s.state.grad_bytes) * 2 / hbm for s in stages)
+    total = pipeline + dp_time + optimizer
+    return total, {"pipeline": pipeline, "bubble": (st.pp - 1) * slot, "dp_exposed": dp_time, "optimizer": optimizer}
