@@ -53,6 +53,20 @@ def collate(samples: list[dict[str, np.ndarray]], pin_memory: bool = False) -> d
     return batch
 
 
+def _check_token_ids(batch: dict[str, torch.Tensor], indices: np.ndarray, vocab_size: int) -> None:
+    """One sentence naming the sample and the id when a batch holds a token the model has no
+    row for (a dataset made with another tokenizer, or a corrupt .bin)."""
+    t = torch.cat([batch["tokens"], batch["labels"]], dim=1)  # [b, 2s], on the CPU
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+        outside = (t < 0) | (t >= vocab_size)
+        row = int(outside.any(dim=1).nonzero()[0])
+        raise UserError(
+            f"sample {int(indices[row])} of the dataset holds token id {int(t[row][outside[row]][0])}, outside the "
+            f"model's vocabulary [0, {vocab_size}); was the dataset made with another tokenizer? "
+            f"(set model.vocab_size to the tokenizer's size or re-run trident preprocess)"
+        )
+
+
 class DataLoader:
     """Iterating yields, per global batch, this rank's list of ``num_microbatches`` batches.
 
@@ -71,7 +85,11 @@ class DataLoader:
         prefetch: int = 2,
         cyclic: bool = False,
         pin_memory: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
+        """`vocab_size`: when given, every batch's token ids are checked against it here, on
+        the CPU batch in the prefetch thread, so the model's step never reads token values
+        back from the device (a host-device synchronisation) to validate them."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank {dp_rank} must lie in [0, dp_size) with dp_size {dp_size} >= 1.")
         if micro_batch_size < 1 or global_batch_size < 1:
@@ -96,6 +114,7 @@ class DataLoader:
         self.prefetch = max(1, prefetch)
         self.cyclic = cyclic
         self.pin_memory = pin_memory
+        self.vocab_size = vocab_size
         self._consumed = 0
         self.load_state_dict({"consumed_samples": consumed_samples})
 
@@ -135,10 +154,13 @@ class DataLoader:
         return per[:, self.dp_rank, :]
 
     def _load(self, consumed: int) -> list[dict[str, torch.Tensor]]:
-        return [
-            collate([self.dataset[int(i)] for i in micro], self.pin_memory)
-            for micro in self.rank_microbatch_indices(consumed)
-        ]
+        micros = []
+        for micro in self.rank_microbatch_indices(consumed):
+            batch = collate([self.dataset[int(i)] for i in micro], self.pin_memory)
+            if self.vocab_size is not None:
+                _check_token_ids(batch, micro, self.vocab_size)
+            micros.append(batch)
+        return micros
 
     def _has(self, consumed: int) -> bool:
         return self.cyclic or consumed + self.global_batch_size <= len(self.dataset)

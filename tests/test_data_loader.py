@@ -140,3 +140,16 @@ def test_position_ids_restart_per_document():
     assert position_ids_from_doc_ids(doc_ids).tolist() == [
         [0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0]
     ]
+
+
+def test_token_ids_outside_the_vocabulary_are_named_on_the_cpu_batch():
+    # sample i holds id i (labels i + 1): with a vocabulary of 10, samples 0..8 pass, sample 9's
+    # labels (10) and everything from sample 10 on do not
+    ok = DataLoader(Numbered(9), 3, 3, vocab_size=10)
+    assert [ids(m) for micros in ok for m in micros] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    loader = DataLoader(Numbered(12), 3, 3, vocab_size=10)
+    it = iter(loader)
+    next(it), next(it), next(it)
+    with pytest.raises(UserError) as err:
+        next(it)
+    assert "sample 9" in str(err.value) and "token id 10" in str(err.value) and "[0, 10)" in str(err.value)

@@ -95,7 +95,7 @@ def build_data(cfg: Config, topo: Topology, consumed_samples: int = 0) -> DataBu
         raise UserError(f"data.split={d.split!r} leaves no documents for training")
     # on a GPU the prefetch thread pins each batch, so the copy to the device is asynchronous
     kw = dict(micro_batch_size=t.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp, prefetch=d.prefetch,
-              pin_memory=topo.device.type == "cuda")
+              pin_memory=topo.device.type == "cuda", vocab_size=cfg.model.vocab_size)
     train = DataLoader(train_ds, t.global_batch_size, consumed_samples=consumed_samples, **kw)
     valid = None
     if valid_ds is not None and len(valid_ds) >= t.global_batch_size:

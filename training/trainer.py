@@ -46,7 +46,12 @@ DEFAULT_RUN_DIR = Path("runs") / "trident"  # where a run writes when no --run-d
 
 
 def _loss_tokens(micros: list[dict[str, torch.Tensor]], topo: Topology) -> float:
-    """Loss-bearing tokens of the whole global batch (every microbatch of every dp rank)."""
+    """Loss-bearing tokens of the whole global batch (every microbatch of every dp rank).
+
+    Without a loss mask every dp rank holds microbatches of the same shape, so the count is
+    known here with no collective (and no host-device synchronisation on a GPU)."""
+    if not any("loss_mask" in mb for mb in micros):
+        return float(sum(mb["labels"].numel() for mb in micros) * topo.dp)
     local = sum(float(mb["loss_mask"].sum()) if "loss_mask" in mb else float(mb["labels"].numel()) for mb in micros)
     t = torch.tensor([local], dtype=torch.float64, device=comm_device(topo))
     all_reduce(t, topo.dp_group)
@@ -54,9 +59,12 @@ def _loss_tokens(micros: list[dict[str, torch.Tensor]], topo: Topology) -> float
 
 
 def _prepare(micros: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str, torch.Tensor]]:
-    if cfg.data.doc_masking:
+    """Drop what the step does not need: document ids without document masking, and the
+    loss mask when nothing is masked (it is all ones: a multiply and a collective saved)."""
+    drop = ({"doc_ids"} if not cfg.data.doc_masking else set()) | ({"loss_mask"} if not cfg.data.mask_eod_loss else set())
+    if not drop:
         return micros
-    return [{k: v for k, v in mb.items() if k != "doc_ids"} for mb in micros]
+    return [{k: v for k, v in mb.items() if k not in drop} for mb in micros]
 
 
 class Trainer:

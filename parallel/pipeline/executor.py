@@ -91,12 +91,18 @@ def finalize_grads(model: nn.Module, topo: Topology) -> None:
 # --- the executor ---------------------------------------------------------------------------
 @dataclass
 class PipelineResult:
-    loss: float  # the global-batch loss, the same on every rank
+    loss_tensor: torch.Tensor  # [1] the global-batch loss, the same on every rank, on the device
     microbatches: int
     peak_in_flight: int  # most microbatches whose activations this stage held at once
     in_flight_limit: int  # the schedule's bound on that number (asserted)
     sends: int  # point-to-point operations this rank issued
     recvs: int
+
+    @property
+    def loss(self) -> float:
+        """The loss as a number. Reading it waits for the device (a host-device sync), so the
+        step does not read it: the trainer does, after the optimizer step's own sync."""
+        return float(self.loss_tensor.item())
 
 
 def forward_step(
@@ -187,7 +193,7 @@ def run_pipeline(
         if grad_sync is not None:
             grad_sync()
     return PipelineResult(
-        loss=_global_loss(run.loss_sum / loss_divisor, topo, reduce_loss_over_dp),
+        loss_tensor=_global_loss(run.loss_sum / loss_divisor, topo, reduce_loss_over_dp),
         microbatches=m,
         peak_in_flight=run.peak,
         in_flight_limit=run.limit if training else 0,
@@ -273,14 +279,14 @@ class _StageRun:
         assert not left, "the plan left tensors behind"
 
 
-def _global_loss(local: torch.Tensor, topo: Topology, over_dp: bool) -> float:
+def _global_loss(local: torch.Tensor, topo: Topology, over_dp: bool) -> torch.Tensor:
     """The last stage's value on every rank of the pipeline, summed over dp replicas."""
     value = local.reshape(1).clone()
     if topo.pp > 1:
         dist.broadcast(value, src=topo.pp_last_rank, group=topo.pp_group)
     if over_dp and topo.dp > 1:
         all_reduce(value, topo.dp_group)
-    return value.item()
+    return value
 
 
 def _check_args(
