@@ -4,6 +4,7 @@ PyTorch reference), `trident plot`, `trident demo`, and the SLURM launch script.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ def _figures(out: str, row: str) -> list[float]:
     return [float(x.rstrip("%")) for x in line.split()[-4:]]
 
 
-def test_bench_train_prints_trident_and_reference_figures():
+def test_bench_train_prints_trident_reference_and_transformers_figures():
     out = trident(*BENCH).stdout
     step_s, tokens_per_s, tflops, mfu = _figures(out, "trident ")
     assert step_s > 0 and tflops > 0 and mfu > 0
@@ -28,9 +29,25 @@ def test_bench_train_prints_trident_and_reference_figures():
     # printed figures agree within what that rounding allows (fast steps are ~20 ms here)
     assert 8 * 32 / (step_s + 5e-5) - 0.5 <= tokens_per_s <= 8 * 32 / (step_s - 5e-5) + 0.5
     ref = _figures(out, "plain PyTorch reference")
+    hf = _figures(out, "transformers LlamaForCausalLM (1 proc)")
+    for row in (ref, hf):
+        assert all(math.isfinite(x) and x > 0 for x in row)
+    for row in (step_s, tokens_per_s, tflops, mfu), ref, hf:
+        assert row[3] <= 100.0  # mfu, in percent
     ratio = float(re.search(r"trident / reference throughput: ([0-9.]+)x", out).group(1))
-    assert ratio == pytest.approx(tokens_per_s / ref[1], abs=0.01)
+    hf_ratio = float(re.search(r"trident / transformers throughput: ([0-9.]+)x", out).group(1))
+    assert ratio == pytest.approx(tokens_per_s / ref[1], abs=0.005)
+    assert hf_ratio == pytest.approx(tokens_per_s / hf[1], abs=0.005)
+    assert re.search(r"peak [0-9.]+ TFLOP/s per device \(measured CPU float32 matmul", out)
     assert "layout tp=1 pp=1 dp=1 (world 1)" in out
+
+
+def test_bench_train_without_transformers_or_with_a_config_it_cannot_express():
+    out = trident(*BENCH, "--no-transformers").stdout
+    assert "transformers" not in out and _figures(out, "plain PyTorch reference")[1] > 0
+    out = trident(*BENCH, "--no-reference", "model.position=alibi").stdout
+    assert "transformers row skipped: ALiBi positions" in out
+    assert "trident / transformers" not in out
 
 
 def test_bench_train_on_several_ranks():
@@ -38,6 +55,10 @@ def test_bench_train_on_several_ranks():
     assert "layout tp=1 pp=2 dp=1 (world 2)" in out
     assert _figures(out, "trident ")[1] > 0
     assert "reference" not in out.split("layout")[1].split("peak")[0]
+    hf = _figures(out, "transformers LlamaForCausalLM (1 proc)")
+    assert hf[1] > 0
+    hf_ratio = float(re.search(r"trident / transformers throughput: ([0-9.]+)x", out).group(1))
+    assert hf_ratio == pytest.approx(_figures(out, "trident ")[1] / hf[1], abs=0.005)
 
 
 def test_plot_writes_a_png(tmp_path):

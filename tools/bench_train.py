@@ -6,16 +6,18 @@ pipeline, so only the step is timed: pipeline schedule, tensor/data-parallel
 communication, clipping, AdamW, ZeRO all-gathers), and reports the median step over the
 timed steps. Then the same global batch goes through a plain single-process PyTorch model
 of the same architecture (`model.reference`: separate projections, dense head,
-`torch.optim.AdamW`, autocast for bf16/fp16) and the throughput ratio is printed.
+`torch.optim.AdamW`, autocast for bf16/fp16), and -- when `transformers` imports -- through
+Hugging Face's `LlamaForCausalLM` or `GPT2LMHeadModel` of the same config (SDPA attention,
+`torch.optim.AdamW`; `tools.bench_train_hf`), and the throughput ratios are printed.
 
-At (1, 1, 1) the two models' steps are interleaved (one trident step, one reference
-step, ...), so a noisy shared machine slows both alike and the ratio is measured side by
-side. With several ranks, the ranks run first and the reference runs afterwards in the
-launching process.
+At (1, 1, 1) the models' steps are interleaved (one trident step, one reference step, one
+transformers step, ...), so a noisy shared machine slows all alike and the ratios are
+measured side by side. With several ranks, the ranks run first and the reference and
+transformers run afterwards in the launching process.
 
 TFLOP/s counts model FLOPs per device (`training.metrics.flops_per_token`: 6N plus
 attention, no recomputation); MFU divides by the device's declared peak, or by a measured
-matmul rate on a CPU (labelled).
+matmul rate on a CPU, never below the fastest row's rate; the peak's source is printed.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    p.add_argument("--no-transformers", action="store_true", help="skip the Hugging Face transformers row")
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)  # rank 0 -> launcher hand-off
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from trident.errors import UserError
     from trident.tools.launch import launch_local, under_launcher
     from trident.tools.train import overrides_from_args
@@ -62,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     world = args.nproc or 1
     derive(cfg, world)
     if world == 1:
-        trident, reference = _measure_single(cfg, args)
-        _print(cfg, world, trident, reference, args)
+        trident, reference, hf = _measure_single(cfg, args)
+        _print(cfg, world, trident, reference, hf, args)
         return 0
     with tempfile.TemporaryDirectory(prefix="trident-bench-train-") as tmp:
         report = Path(tmp) / "rank0.json"
@@ -71,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
         if launch_local(world, argv) != 0:
             return 1
         trident = json.loads(report.read_text())
-    reference = None if args.no_reference else _measure_reference_alone(cfg, args)
-    _print(cfg, world, trident, reference, args)
+    device = torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
+    reference = None if args.no_reference else _measure_alone(cfg, args, _ReferenceStep(cfg, device), device)
+    hf = _hf_step(cfg, device, args)
+    _print(cfg, world, trident, reference, hf and _measure_alone(cfg, args, hf, device), args)
     return 0
 
 
@@ -180,35 +187,62 @@ def _timed(step, device) -> float:
     return time.perf_counter() - start
 
 
-def _figures(cfg, times: list[float], world: int, peak: tuple[float, str]) -> dict:
+def _figures(cfg, times: list[float], world: int, peak: tuple[float, str], name: str = "") -> dict:
+    """Median step figures; "mfu" is filled in by `_share_peak` once all rows are in."""
     from trident.training.metrics import flops_per_token
 
     dt = statistics.median(times)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     tflops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / dt / world / 1e12
-    return {"step_s": dt, "tokens_per_s": tokens / dt, "tflops": tflops, "mfu": tflops / peak[0],
+    return {"name": name, "step_s": dt, "tokens_per_s": tokens / dt, "tflops": tflops,
             "peak_tflops": peak[0], "peak_source": peak[1], "steps": len(times)}
 
 
-def _measure_single(cfg, args) -> tuple[dict, dict | None]:
-    """Both steps in this process, interleaved."""
+def _share_peak(rows: list[dict]) -> None:
+    """One peak for all rows (raised to the fastest row's rate when it is measured), and mfu."""
+    from trident.training.metrics import model_flops_utilization
+
+    peak, source = max((r["peak_tflops"], r["peak_source"]) for r in rows)
+    for r in rows:
+        _, peak, source = model_flops_utilization(r["tflops"], peak, source)
+    for r in rows:
+        r["mfu"], r["peak_tflops"], r["peak_source"] = model_flops_utilization(r["tflops"], peak, source)
+
+
+def _hf_step(cfg, device, args):
+    """The transformers step, or None (with the reason printed) when skipped."""
+    from trident.tools.bench_train_hf import hf_step
+
+    if args.no_transformers:
+        return None
+    step, why = hf_step(cfg, device)
+    if why:
+        print(why, flush=True)
+    return step
+
+
+def _measure_single(cfg, args) -> tuple[dict, dict | None, dict | None]:
+    """All steps in this process, interleaved: trident, reference, transformers, trident, ..."""
     from trident.training.metrics import device_peak_tflops
     from trident.training.trainer import make_topology
 
     topo = make_topology(cfg)
     peak = device_peak_tflops(topo.device, cfg.train.dtype, cfg.log.peak_tflops)
-    mine = _TridentStep(cfg, topo)
-    ref = None if args.no_reference else _ReferenceStep(cfg, topo.device)
+    steps = {"trident": _TridentStep(cfg, topo)}
+    if not args.no_reference:
+        steps["reference"] = _ReferenceStep(cfg, topo.device)
+    hf = _hf_step(cfg, topo.device, args)
+    if hf is not None:
+        steps[hf.name] = hf
     for _ in range(args.warmup):
-        mine()
-        if ref is not None:
-            ref()
-    t_mine, t_ref = [], []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):
-        t_mine.append(_timed(mine, topo.device))
-        if ref is not None:
-            t_ref.append(_timed(ref, topo.device))
-    return _figures(cfg, t_mine, 1, peak), (None if ref is None else _figures(cfg, t_ref, 1, peak))
+        for name, step in steps.items():
+            times[name].append(_timed(step, topo.device))
+    rows = {name: _figures(cfg, t, 1, peak, name) for name, t in times.items()}
+    return rows["trident"], rows.get("reference"), (rows[hf.name] if hf is not None else None)
 
 
 def _rank_main(cfg, args) -> None:
@@ -234,20 +268,18 @@ def _rank_main(cfg, args) -> None:
         dist.destroy_process_group()
 
 
-def _measure_reference_alone(cfg, args) -> dict:
-    import torch
-
+def _measure_alone(cfg, args, step, device) -> dict:
+    """A single-process row (reference or transformers) after the ranks have finished."""
     from trident.training.metrics import device_peak_tflops
 
-    device = torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
-    ref = _ReferenceStep(cfg, device)
     for _ in range(args.warmup):
-        ref()
-    times = [_timed(ref, device) for _ in range(args.steps)]
-    return _figures(cfg, times, 1, device_peak_tflops(device, cfg.train.dtype, cfg.log.peak_tflops))
+        step()
+    times = [_timed(step, device) for _ in range(args.steps)]
+    peak = device_peak_tflops(device, cfg.train.dtype, cfg.log.peak_tflops)
+    return _figures(cfg, times, 1, peak, getattr(step, "name", "reference"))
 
 
-def _print(cfg, world: int, mine: dict, ref: dict | None, args) -> None:
+def _print(cfg, world: int, mine: dict, ref: dict | None, hf: dict | None, args) -> None:
     import torch
 
     from trident.training.config import derive
@@ -261,14 +293,20 @@ def _print(cfg, world: int, mine: dict, ref: dict | None, args) -> None:
           f"{getattr(t, 'recompute', 'none')}, compile {t.compile}; global batch {t.global_batch_size} x "
           f"{cfg.data.seq_len} tokens, micro batch {t.micro_batch_size}; median of {mine['steps']} steps "
           f"after {args.warmup} warm-up")
-    print(f"  {'':<34}{'step s':>9}{'tokens/s':>12}{'TFLOP/s/dev':>13}{'MFU':>8}")
     rows = [("trident", mine)] + ([("plain PyTorch reference (1 proc)", ref)] if ref else [])
+    rows += [(f"{hf['name']} (1 proc)", hf)] if hf else []
+    _share_peak([r for _, r in rows])
+    print(f"  {'':<40}{'step s':>9}{'tokens/s':>12}{'TFLOP/s/dev':>13}{'MFU':>8}")
     for name, r in rows:
-        print(f"  {name:<34}{r['step_s']:>9.4f}{r['tokens_per_s']:>12.0f}{r['tflops']:>13.4f}{r['mfu']:>8.1%}")
-    peaks = f"peak {mine['peak_tflops']:.3f} TFLOP/s per device ({mine['peak_source']})"
-    if ref and (ref["peak_tflops"], ref["peak_source"]) != (mine["peak_tflops"], mine["peak_source"]):
-        peaks += f" for trident's ranks, {ref['peak_tflops']:.3f} ({ref['peak_source']}) for the reference"
-    print(f"  {peaks}")
-    if ref:
-        print(f"  trident / reference throughput: {mine['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
+        print(f"  {name:<40}{r['step_s']:>9.4f}{r['tokens_per_s']:>12.0f}{r['tflops']:>13.4f}{r['mfu']:>8.1%}")
+    print(f"  peak {mine['peak_tflops']:.3f} TFLOP/s per device ({mine['peak_source']})")
+    ratios = [f"trident / reference throughput: {_ratio(mine, ref):.2f}x"] if ref else []
+    ratios += [f"trident / transformers throughput: {_ratio(mine, hf):.2f}x"] if hf else []
+    if ratios:
+        print("  " + "; ".join(ratios))
     sys.stdout.flush()
+
+
+def _ratio(a: dict, b: dict) -> float:
+    """Of the printed (rounded) tokens/s, so the ratio is the quotient a reader computes."""
+    return round(a["tokens_per_s"]) / round(b["tokens_per_s"])

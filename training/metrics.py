@@ -9,13 +9,17 @@ unmasked s x s, as Megatron and nanoGPT count it).
 
 MFU divides the achieved model FLOP/s per device by the device's peak. Peaks come from
 the table below (dense, no sparsity, for the dtype in use; vendors' datasheets), or from
-`log.peak_tflops`, or -- on a CPU or an unknown device -- from a measured matmul rate,
-which is labelled as measured in the record.
+`log.peak_tflops`, or -- on a CPU or an unknown device -- from a measured matmul rate
+(once per process, the best of a few sizes), which is never below the rate a step
+achieved. Every mfu goes through `model_flops_utilization`, which refuses values above
+1.0, and the peak's source ("declared H100 bf16", "measured CPU float32 matmul", ...) is
+named next to it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -43,45 +47,115 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.hidden * seq_len
 
 
-def declared_peak_tflops(device: torch.device, dtype: str) -> float | None:
-    """The table's peak for this CUDA device and dtype, or None when it is not listed."""
+def declared_peak_tflops(device: torch.device, dtype: str) -> tuple[float, str] | None:
+    """The table's peak for this CUDA device and dtype and its name, or None when not listed."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
-            return peaks.get(dtype)
+        if key in name and dtype in peaks:
+            return peaks[dtype], f"declared {key} {dtype}"
     return None
 
 
-def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """Achieved TFLOP/s of a large matmul on this device: the practical ceiling of a CPU."""
+# measured peaks, once per process: (device, dtype) -> TFLOP/s
+_MEASURED: dict[tuple[str, torch.dtype], float] = {}
+MEASURE_SIZES = (512, 1024, 1536, 2048)
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+    """Best TFLOP/s over `repeats` timings of an n x n matmul, after a warm-up."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    inner = max(1, (1024 // n) ** 3)  # small sizes: several products per timing
     for _ in range(2):
         a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.3:
-        a @ b
-        reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2.0 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / inner)
+    return 2.0 * n**3 / best / 1e12
 
 
-def device_peak_tflops(device: torch.device, dtype: str, configured: float = 0.0) -> tuple[float, str]:
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Best achieved TFLOP/s of square matmuls on this device: the practical ceiling of a CPU.
+
+    Sizes grow through `MEASURE_SIZES` while the rate still improves by over 2%; each size is warmed
+    up and timed several times, and the best timing counts. Measured once per process.
+    """
+    key = (str(device), dtype)
+    if key not in _MEASURED:
+        best = 0.0
+        for n in MEASURE_SIZES:
+            rate = _matmul_rate(device, dtype, n)
+            improved = rate > 1.02 * best
+            best = max(best, rate)
+            if not improved:
+                break  # the rate has levelled off (or fallen: past the caches' best size)
+        _MEASURED[key] = best
+    return _MEASURED[key]
+
+
+def device_peak_tflops(
+    device: torch.device, dtype: str, configured: float = 0.0, achieved: float = 0.0
+) -> tuple[float, str]:
     """Peak TFLOP/s of one device for MFU, and where the figure came from.
 
-    `configured` (``log.peak_tflops``) wins; then the declared table; then a measured
-    matmul in the compute dtype (fp32 on a CPU, whose bf16 matmuls are emulated).
+    `configured` (``log.peak_tflops``) wins; then the declared table ("declared H100
+    bf16"); then a measured matmul in the compute dtype (fp32 on a CPU, whose bf16 matmuls
+    are emulated), which is never reported below `achieved`, the rate a step reached.
     """
     if configured > 0:
-        return configured, "config"
+        return configured, "configured log.peak_tflops"
     declared = declared_peak_tflops(device, dtype)
     if declared is not None:
-        return declared, "table"
+        return declared
     compute = torch.float32 if device.type == "cpu" else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
-    return measured_peak_tflops(device, compute), "measured matmul"
+    kind = "CPU" if device.type == "cpu" else f"{device.type} (not in the declared table)"
+    source = f"measured {kind} {str(compute).removeprefix('torch.')} matmul"
+    key = (str(device), compute)
+    peak, source = _floor_measured(measured_peak_tflops(device, compute), source, achieved)
+    _MEASURED[key] = peak  # the best rate seen on this device, from here on
+    return peak, source
+
+
+_RAISED = ", raised to a step's achieved rate"
+
+
+def _floor_measured(peak: float, source: str, achieved: float) -> tuple[float, str]:
+    """A measured peak is only a lower bound of the machine's rate: never below `achieved`."""
+    if achieved > peak:
+        return achieved, source if source.endswith(_RAISED) else source + _RAISED
+    return peak, source
+
+
+def model_flops_utilization(achieved_tflops: float, peak_tflops: float, peak_source: str) -> tuple[float, float, str]:
+    """(mfu, peak, peak source) of a step that reached `achieved_tflops` per device.
+
+    A measured peak is first raised to at least the achieved rate (a measured matmul is a
+    lower bound of what the machine can do). mfu above 1.0 after that is a bug -- a declared
+    or configured peak below what the device did, or wrong FLOP accounting -- and raises.
+    """
+    if not math.isfinite(achieved_tflops) or achieved_tflops < 0:
+        raise ValueError(f"achieved TFLOP/s must be finite and >= 0, got {achieved_tflops}")
+    if not peak_tflops > 0:
+        raise ValueError(f"peak TFLOP/s must be > 0, got {peak_tflops} ({peak_source})")
+    if peak_source.startswith("measured"):
+        peak_tflops, peak_source = _floor_measured(peak_tflops, peak_source, achieved_tflops)
+    mfu = achieved_tflops / peak_tflops
+    if mfu > 1.0:
+        raise ValueError(
+            f"mfu {mfu:.3f} > 1.0: {achieved_tflops:.4g} TFLOP/s achieved per device against a peak of "
+            f"{peak_tflops:.4g} ({peak_source}); the peak or the FLOP count is wrong"
+            + (" (set log.peak_tflops to the device's real peak)" if peak_source.startswith("configured") else "")
+        )
+    return mfu, peak_tflops, peak_source
 
 
 class MetricsWriter:

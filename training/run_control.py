@@ -7,9 +7,11 @@ that the loop reads at a step edge (all-reduced, so every rank stops at the same
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,3 +73,14 @@ def make_topology(cfg: Config) -> Topology:
         return Topology.single(cfg.train.device)
     p = cfg.parallel
     return Topology.from_env(tp=p.tp, pp=p.pp, dp=p.dp, device=cfg.train.device, timeout_s=p.timeout_s)
+
+
+def write_resolved_config(run_dir: Path, cfg: Config, derived: dict[str, Any]) -> None:
+    """RUN_DIR/config.json: the config as run, with what follows from it (written whole,
+    then renamed, so a reader never sees half a file); echoed to stdout."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({**cfg.to_dict(), "derived": derived}, indent=2)
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, run_dir / "config.json")
+    print("resolved config:\n" + text, flush=True)

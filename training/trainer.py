@@ -14,7 +14,6 @@ leave a peer waiting in a collective.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -39,8 +38,15 @@ from trident.training.build import build_model, build_optimizer, build_schedule
 from trident.training.config import Config, derive
 from trident.training.data_setup import build_data
 from trident.training.memory import ActivationMeter, memory_record, rank_memory
-from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token
-from trident.training.run_control import NonFiniteLossError, StopSignal, TrainSummary, launched, make_topology
+from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token, model_flops_utilization
+from trident.training.run_control import (
+    NonFiniteLossError,
+    StopSignal,
+    TrainSummary,
+    launched,
+    make_topology,
+    write_resolved_config,
+)
 
 DEFAULT_RUN_DIR = Path("runs") / "trident"  # where a run writes when no --run-dir is given
 
@@ -176,27 +182,13 @@ class Trainer:
             print(text, flush=True)
 
     def write_resolved_config(self) -> None:
-        if not self.is_logger:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {
-            **self.cfg.to_dict(),
-            "derived": {
-                "world": self.topo.world,
-                "dp": self.derived.dp,
-                "microbatches_per_step": self.derived.microbatches,
-                "tokens_per_step": self.derived.tokens_per_step,
-                "parameters": self.cfg.model.num_parameters(),
-                "flops_per_step": self.flops_per_step,
-                "peak_tflops_per_device": self.peak_tflops,
-                "peak_source": self.peak_source,
-            },
-        }
-        text = json.dumps(resolved, indent=2)
-        tmp = self.run_dir / "config.json.tmp"
-        tmp.write_text(text + "\n")
-        os.replace(tmp, self.run_dir / "config.json")
-        print("resolved config:\n" + text, flush=True)
+        if self.is_logger:
+            write_resolved_config(self.run_dir, self.cfg, {
+                "world": self.topo.world, "dp": self.derived.dp,
+                "microbatches_per_step": self.derived.microbatches, "tokens_per_step": self.derived.tokens_per_step,
+                "parameters": self.cfg.model.num_parameters(), "flops_per_step": self.flops_per_step,
+                "peak_tflops_per_device": self.peak_tflops, "peak_source": self.peak_source,
+            })
 
     # --- one step -----------------------------------------------------------------------
     def train_step(self, micros: list[dict[str, torch.Tensor]], measure: bool = False) -> dict[str, Any]:
@@ -358,6 +350,7 @@ class Trainer:
     def _record(self, out: dict[str, Any], dt: float) -> dict[str, Any]:
         topo = self.topo
         achieved = self.flops_per_step / dt / topo.world / 1e12  # model TFLOP/s per device
+        mfu, self.peak_tflops, self.peak_source = model_flops_utilization(achieved, self.peak_tflops, self.peak_source)
         mem = self.optimizer.memory()
         record = {
             "step": self.step,
@@ -370,7 +363,9 @@ class Trainer:
             "tokens_per_s": self.derived.tokens_per_step / dt,
             "step_time_s": dt,
             "tflops": achieved,
-            "mfu": achieved / self.peak_tflops,
+            "mfu": mfu,
+            "peak_tflops": self.peak_tflops,
+            "peak_source": self.peak_source,
             "consumed_samples": self.data.train.consumed_samples,
             "param_bytes": mem.get("param_bytes"),
             "grad_bytes": mem.get("grad_bytes"),

@@ -1,0 +1,45 @@
+"""MFU is never above 1.0, and a measured CPU peak is never below the rate a step reached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trident.training import metrics
+from trident.training.metrics import device_peak_tflops, model_flops_utilization
+
+CPU = torch.device("cpu")
+
+
+def test_mfu_above_one_against_a_declared_or_configured_peak_is_refused():
+    with pytest.raises(ValueError, match=r"mfu 1\.100 > 1\.0.*declared H100 bf16"):
+        model_flops_utilization(1087.9, 989.0, "declared H100 bf16")
+    with pytest.raises(ValueError, match="log.peak_tflops"):
+        model_flops_utilization(2.0, 1.0, "configured log.peak_tflops")
+    assert model_flops_utilization(494.5, 989.0, "declared H100 bf16") == (0.5, 989.0, "declared H100 bf16")
+
+
+def test_measured_cpu_peak_is_at_least_the_achieved_rate():
+    peak, source = device_peak_tflops(CPU, "fp32")
+    assert peak > 0 and source == "measured CPU float32 matmul"
+    assert device_peak_tflops(CPU, "fp32") == (peak, source)  # measured once per process
+    achieved = 10 * peak  # a step faster than the measured matmul (a noisy measurement)
+    raised, raised_source = device_peak_tflops(CPU, "fp32", achieved=achieved)
+    assert raised >= achieved and "raised to a step's achieved rate" in raised_source
+    mfu, used, used_source = model_flops_utilization(20 * peak, peak, source)
+    assert mfu == 1.0 and used == 20 * peak and used_source.startswith("measured CPU float32 matmul")
+    assert device_peak_tflops(CPU, "fp32")[0] >= achieved  # the cached peak keeps the best rate seen
+    mfu, _, _ = model_flops_utilization(0.5 * peak, peak, source)
+    assert 0 < mfu <= 1.0
+
+
+def test_configured_peak_wins_and_bad_inputs_are_refused():
+    assert device_peak_tflops(CPU, "bf16", configured=123.0) == (123.0, "configured log.peak_tflops")
+    with pytest.raises(ValueError):
+        model_flops_utilization(float("nan"), 1.0, "declared H100 bf16")
+    with pytest.raises(ValueError):
+        model_flops_utilization(1.0, 0.0, "measured CPU float32 matmul")
+
+
+def test_measured_matmul_sizes_span_the_cache_range():
+    assert min(metrics.MEASURE_SIZES) <= 512 and max(metrics.MEASURE_SIZES) >= 2048
