@@ -88,7 +88,8 @@ def vocab_parallel_cross_entropy(
     if group_size(group) == 1:
         # one rank holds the whole vocabulary: torch's fused log-softmax kernel is the same
         # math (its label smoothing is the same mix of nll and mean -log p) and faster
-        z = logits[..., :vocab_size].float()  # [..., vocab]
+        z = logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]  # [..., vocab]
+        z = z.float()
         loss = F.cross_entropy(z.flatten(0, -2), target.flatten(), reduction="none", label_smoothing=label_smoothing)
         return loss.view(target.shape)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, vocab_size, group, label_smoothing)

@@ -226,7 +226,14 @@ class VocabParallelEmbedding(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for this rank's vocabulary rows: the output head (tied or not) is an
-        embedding table used the other way round."""
-        # x: [batch, seq (/tp if sequence parallel), hidden]  ->  [batch, seq, padded_vocab/tp]
+        embedding table used the other way round.
+
+        When one rank holds every row the padding rows are left out of the matmul: the
+        logits come out exactly ``vocab`` wide, so the loss needs no slice of them (whose
+        backward would zero-fill and copy a logits-sized tensor every step)."""
+        # x: [batch, seq (/tp if sequence parallel), hidden]  ->  [batch, seq, padded_vocab/tp] (tp > 1)
+        #                                                       or [batch, seq, vocab] (tp = 1)
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        if self.local_size == self.padded_size and self.padded_size > self.vocab_size:
+            return F.linear(x, self.weight[: self.vocab_size])
         return F.linear(x, self.weight)
