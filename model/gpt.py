@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.errors import UserError
-from trident.model.attention import Attention, AttentionInputs, KVCache, alibi_slopes, document_positions, rope_tables
+from trident.model.attention import (
+    Attention,
+    AttentionInputs,
+    KVCache,
+    alibi_slopes,
+    document_positions,
+    document_segments,
+    rope_tables,
+)
 from trident.model.config import ModelConfig
 from trident.model.norms import make_norm
 from trident.parallel.random import REPLICATED, TP, RNGStreams
@@ -211,18 +219,27 @@ class GPT(nn.Module):
     ) -> tuple[AttentionInputs, torch.Tensor]:
         """Positions, RoPE tables and the attention mask for a [batch, seq] chunk.
 
-        The mask is additive, in the compute `dtype`: SDPA would otherwise turn a bool mask
-        into an additive one inside every layer, and every layer's attention would save
-        its own [b, 1, s, s] copy for backward; made once here, they all save this one.
+        Packed documents (no ALiBi, start_pos 0) get no s x s mask: None when every row
+        holds one document (causal SDPA), else `document_segments`' CPU table (causal SDPA
+        per document, read from `doc_ids` where it lies: given on the CPU, as the pipeline
+        executor passes the loader's batch, that costs no host-device sync). ALiBi and
+        KV-cache decoding (start_pos > 0) keep the dense mask, additive in the compute
+        `dtype`: SDPA would otherwise turn a bool mask into an additive one inside every
+        layer, and every layer's attention would save its own [b, 1, s, s] copy for
+        backward; made once here, they all save this one.
         """
         q_abs = torch.arange(start_pos, start_pos + seq, device=device)
         k_abs = torch.arange(0, start_pos + seq, device=device)
+        doc_host = doc_ids  # [b, s] wherever the caller had it (the segment table is made from it)
         if doc_ids is not None:
+            doc_ids = doc_ids.to(device, non_blocking=True)
             positions = document_positions(doc_ids)  # [b, s]
         else:
             positions = q_abs.unsqueeze(0).expand(batch, seq)
         mask = None
-        if doc_ids is not None or start_pos > 0 or self.cfg.position == "alibi":
+        if doc_ids is not None and start_pos == 0 and self.cfg.position != "alibi":
+            mask = document_segments(doc_host)  # [n_segments, 4] int64 on the CPU, or None
+        elif doc_ids is not None or start_pos > 0 or self.cfg.position == "alibi":
             allowed = (k_abs.unsqueeze(0) <= q_abs.unsqueeze(1)).unsqueeze(0)  # [1, s, s_kv]
             if doc_ids is not None:
                 allowed = allowed & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))  # [b, s, s]
@@ -252,7 +269,10 @@ class GPT(nn.Module):
         if self.first_stage:
             if inputs.dtype not in (torch.int32, torch.int64):
                 raise UserError(f"the first stage takes token ids, got a {inputs.dtype} tensor")
-            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.cfg.vocab_size):
+            # the value check reads the ids back: only where that costs no host-device sync
+            # (training validates the CPU batch in the data loader instead)
+            on_host = inputs.device.type == "cpu"
+            if on_host and inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.cfg.vocab_size):
                 raise UserError(
                     f"token ids must be in [0, {self.cfg.vocab_size}); got min {int(inputs.min())}, max {int(inputs.max())}"
                 )
@@ -290,7 +310,7 @@ class GPT(nn.Module):
             return x
         x = self.final_norm(x)
         head = self.output_layer
-        logits = head.project(x)  # [b, s, padded_vocab/tp]
+        logits = head.project(x)  # [b, s, padded_vocab/tp], or [b, s, vocab] at tp = 1
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(

@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "zero": "trident.tools.bench_zero",
     "checkpoint": "trident.tools.bench_checkpoint",
     "train": "trident.tools.bench_train",
+    "attention": "trident.tools.bench_attention",
 }
 
 

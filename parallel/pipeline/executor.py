@@ -118,7 +118,9 @@ def forward_step(
     # x: tokens [b, s] (first stage) or the received hidden state [b, s(/tp), hidden]
     device = topo.device
     labels = data["labels"].to(device, non_blocking=True) if topo.is_last_stage else None
-    doc_ids = data["doc_ids"].to(device, non_blocking=True) if "doc_ids" in data else None
+    # doc_ids: [b, s] left where the loader put it (the CPU): the model reads its document
+    # boundaries there, without a host-device sync, and copies it to the device itself
+    doc_ids = data.get("doc_ids")
     y = model(x, labels=labels, doc_ids=doc_ids, **model_kw)
     if not topo.is_last_stage:
         return y, None  # hidden [b, s(/tp), hidden]
