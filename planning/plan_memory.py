@@ -21,13 +21,13 @@ Nothing here allocates a model. Two parts, each written to agree with the code i
   Per layer, without recomputation, the saved tensors are: each norm's fp32 input, its
   normalised fp32 output and statistics; the input of every matmul (qkv, attention
   projection, MLP in and out; under sequence parallelism the all-gathered full sequence);
-  the attention core's q, k, v (after QK-norm, RoPE and the GQA repeat), output and
+  the attention core's q, k, v (after QK-norm and RoPE; grouped-query k, v unrepeated), output and
   log-sum-exp on a fused (flash / memory-efficient) kernel, or q, k, v and three s x s
   tensors (probabilities, dropout mask, dropped probabilities) on the unfused one; the
   MLP's intermediate tensors; one dropout mask per residual branch. Selective
   recomputation keeps the qkv output instead of the core's tensors; full keeps only the
-  block input. Per microbatch: RoPE tables, the additive attention mask (documents or
-  ALiBi), the embedding's indices, and on the last stage the final norm, the head input
+  block input. Per microbatch: RoPE tables, the additive attention mask (ALiBi only;
+  packed documents need none), the embedding's indices, and on the last stage the final norm, the head input
   and the cross-entropy's fp32 softmax over this rank's vocabulary slice.
 
   Device matters in two places: CPU dropout keeps its mask in the compute dtype (CUDA a
@@ -171,7 +171,7 @@ class Shapes:
     sp: bool  # sequence parallelism (and tp > 1)
     dtype: str
     device: str  # "cuda" or "cpu"
-    doc_masking: bool  # packed documents: an additive [b, 1, s, s] mask
+    doc_masking: bool  # packed documents (no mask: causal attention per document; ALiBi's mask is per row)
 
     @property
     def e(self) -> int:
@@ -217,14 +217,14 @@ def _norm_bytes(x: Shapes, rows: int, dim: int) -> int:
 
 
 def _rewritten(x: Shapes) -> tuple[bool, bool, bool]:
-    """Whether q, k, v reach SDPA as new tensors (True) or as views of the qkv output."""
+    """Whether q, k, v reach SDPA as new tensors (True) or as views of the qkv output
+    (grouped-query k and v go in unrepeated: SDPA shares them over the query heads)."""
     roped = x.cfg.position == "rope" or x.cfg.qk_norm
-    repeated = x.kv != x.heads
-    return roped, roped or repeated, repeated
+    return roped, roped, False
 
 
 def attention_core_bytes(x: Shapes) -> int:
-    """Saved by the attention core (QK-norm, RoPE, GQA repeat, SDPA) of one layer, beyond
+    """Saved by the attention core (QK-norm, RoPE, SDPA) of one layer, beyond
     the qkv output itself (`qkv_view_saved` says whether that is kept too)."""
     c, b, s, hd, a, e = x.cfg, x.b, x.s, x.cfg.head_dim, x.heads, x.e
     total = 0
@@ -232,7 +232,7 @@ def attention_core_bytes(x: Shapes) -> int:
         for rows in (b * a * s, b * x.kv * s):
             total += _norm_bytes(x, rows, hd) - (4 * rows * hd if e == 4 else 0)  # fp32: its input is the view
     q_new, k_new, v_new = _rewritten(x)
-    k_heads = a if x.kv != a else x.kv
+    k_heads = x.kv
     if x.fused_attention:
         # q, k, v as given (views are counted with qkv), output (also the projection's
         # input), fp32 log-sum-exp
@@ -262,8 +262,6 @@ def shared_bytes(x: Shapes, recompute: str) -> int:
     mask = 0
     if c.position == "alibi":
         mask = 4 * (b if x.doc_masking else 1) * x.heads * s * s
-    elif x.doc_masking:
-        mask = x.e * b * s * s
     if mask and (x.fused_attention or recompute != "none"):  # kept by a fused kernel or a checkpoint
         total += mask
     return total
