@@ -21,7 +21,7 @@ Nothing here allocates a model. Two parts, each written to agree with the code i
   Per layer, without recomputation, the saved tensors are: each norm's fp32 input, its
   normalised fp32 output and statistics; the input of every matmul (qkv, attention
   projection, MLP in and out; under sequence parallelism the all-gathered full sequence);
-  the attention core's q, k, v (after QK-norm and RoPE; grouped-query k, v unrepeated), output and
+  the attention core's q, k, v (after QK-norm and RoPE; grouped-query k, v repeated in bf16/fp16 only), output and
   log-sum-exp on a fused (flash / memory-efficient) kernel, or q, k, v and three s x s
   tensors (probabilities, dropout mask, dropped probabilities) on the unfused one; the
   MLP's intermediate tensors; one dropout mask per residual branch. Selective
@@ -218,9 +218,11 @@ def _norm_bytes(x: Shapes, rows: int, dim: int) -> int:
 
 def _rewritten(x: Shapes) -> tuple[bool, bool, bool]:
     """Whether q, k, v reach SDPA as new tensors (True) or as views of the qkv output
-    (grouped-query k and v go in unrepeated: SDPA shares them over the query heads)."""
+    (grouped-query k and v go in unrepeated in fp32, where SDPA shares them over the query
+    heads, and repeated in bf16/fp16: `trident.model.attention.Attention.core`)."""
     roped = x.cfg.position == "rope" or x.cfg.qk_norm
-    return roped, roped, False
+    repeated = x.kv != x.heads and x.e != 4
+    return roped, roped or repeated, repeated
 
 
 def attention_core_bytes(x: Shapes) -> int:
@@ -232,7 +234,7 @@ def attention_core_bytes(x: Shapes) -> int:
         for rows in (b * a * s, b * x.kv * s):
             total += _norm_bytes(x, rows, hd) - (4 * rows * hd if e == 4 else 0)  # fp32: its input is the view
     q_new, k_new, v_new = _rewritten(x)
-    k_heads = x.kv
+    k_heads = x.heads if _rewritten(x)[2] else x.kv
     if x.fused_attention:
         # q, k, v as given (views are counted with qkv), output (also the projection's
         # input), fp32 log-sum-exp
