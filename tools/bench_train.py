@@ -135,25 +135,26 @@ def synthetic_batch(cfg, microbatches: int, seed: int) -> list[dict]:
     return out
 
 
-# --- the plain reference ----------------------------------------------------------------
-class _ReferenceStep:
-    """The same global batch through `model.reference.ReferenceGPT` and torch's AdamW."""
+# --- the plain contenders -----------------------------------------------------------------
+class PlainStep:
+    """One single-process step of a plain torch model on the bench's global batch:
+    `torch.optim.AdamW` with the run's settings, autocast for bf16/fp16, norm clipping.
+    Subclasses give the model and the loss of one microbatch."""
 
-    def __init__(self, cfg, device) -> None:
+    def __init__(self, cfg, device, model) -> None:
         import torch
 
-        from trident.model.reference import ReferenceGPT
-
-        self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.train.seed)
-        self.model = ReferenceGPT(cfg.model).to(device)
+        self.cfg, self.device, self.model = cfg, device, model
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+            model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
         n = cfg.train.global_batch_size // cfg.train.micro_batch_size
         self.micros = [{k: v.to(device) for k, v in mb.items()} for mb in synthetic_batch(cfg, n, cfg.train.seed)]
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
+
+    def loss(self, mb: dict):
+        raise NotImplementedError
 
     def __call__(self) -> float:
         import torch
@@ -162,13 +163,28 @@ class _ReferenceStep:
         total = 0.0
         for mb in self.micros:
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                loss = self.model(mb["tokens"], mb["labels"]) / len(self.micros)
+                loss = self.loss(mb) / len(self.micros)
             loss.backward()
             total += loss.detach()
         if self.cfg.optim.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         return float(total)
+
+
+class _ReferenceStep(PlainStep):
+    """The same global batch through `model.reference.ReferenceGPT` and torch's AdamW."""
+
+    def __init__(self, cfg, device) -> None:
+        import torch
+
+        from trident.model.reference import ReferenceGPT
+
+        torch.manual_seed(cfg.train.seed)
+        super().__init__(cfg, device, ReferenceGPT(cfg.model).to(device))
+
+    def loss(self, mb: dict):
+        return self.model(mb["tokens"], mb["labels"])
 
 
 # --- timing -----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ picked transformers instead would run.
 
 from __future__ import annotations
 
+from trident.tools.bench_train import PlainStep
+
 
 def hf_step(cfg, device):
     """(step, None), or (None, why the transformers row is skipped)."""
@@ -31,7 +33,7 @@ def hf_model_name(arch: str) -> str:
     return {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
 
 
-class _HFStep:
+class _HFStep(PlainStep):
     """One step of `LlamaForCausalLM`/`GPT2LMHeadModel` + AdamW on the bench's global batch."""
 
     def __init__(self, cfg, device, transformers, arch: str) -> None:
@@ -39,9 +41,8 @@ class _HFStep:
 
         from trident.checkpoint.hf_gpt2 import gpt2_config
         from trident.checkpoint.hf_llama import llama_config
-        from trident.tools.bench_train import synthetic_batch
 
-        self.cfg, self.device, self.arch = cfg, device, arch
+        self.arch = arch
         self.name = f"transformers {hf_model_name(arch)}"
         m = cfg.model
         fields = (llama_config if arch == "llama" else gpt2_config)(m)
@@ -52,29 +53,11 @@ class _HFStep:
         config._attn_implementation = "sdpa"
         model_cls = getattr(transformers, hf_model_name(arch))
         torch.manual_seed(cfg.train.seed)
-        self.model = model_cls(config).to(device=device, dtype=torch.float32).train()
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-        )
-        n = cfg.train.global_batch_size // cfg.train.micro_batch_size
-        self.micros = [{k: v.to(device) for k, v in mb.items()} for mb in synthetic_batch(cfg, n, cfg.train.seed)]
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
+        super().__init__(cfg, device, model_cls(config).to(device=device, dtype=torch.float32).train())
 
-    def __call__(self) -> float:
-        import torch
+    def loss(self, mb: dict):
         import torch.nn.functional as F
 
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for mb in self.micros:
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                logits = self.model(input_ids=mb["tokens"], use_cache=False).logits
-                # the labels are already the next tokens (HF's own loss would shift them again)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten()) / len(self.micros)
-            loss.backward()
-            total += loss.detach()
-        if self.cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-        self.optimizer.step()
-        return float(total)
+        logits = self.model(input_ids=mb["tokens"], use_cache=False).logits
+        # the labels are already the next tokens (HF's own loss would shift them again)
+        return F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten())
