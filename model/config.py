@@ -11,11 +11,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from trident.errors import UserError
+from trident.parallel.tensor.lean_linear import ACTIVATIONS as LEAN_ACTIVATIONS
 
 POSITIONS = ("learned", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = tuple(LEAN_ACTIVATIONS)  # the MLP runs them through `activation_linear`
 
 
 @dataclass

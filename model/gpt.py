@@ -69,12 +69,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [b, s(/tp), hidden]  ->  [b, s(/tp), hidden]
         h = self.fc(x)  # [b, s, ffn/tp] (x2 for SwiGLU)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.proj(h)
+        # the activation's output (ffn wide) is rebuilt from h in backward, not kept
+        return self.proj(h, "swiglu" if self.swiglu else "gelu")
 
 
 # --- block ---------------------------------------------------------------------------------

@@ -18,17 +18,26 @@ Nothing here allocates a model. Two parts, each written to agree with the code i
   may briefly hold more than A: the layer (full) or attention core (selective) that
   recomputation rebuilds, while what backward already passed has been freed.
 
-  Per layer, without recomputation, the saved tensors are: each norm's fp32 input, its
-  normalised fp32 output and statistics; the input of every matmul (qkv, attention
-  projection, MLP in and out; under sequence parallelism the all-gathered full sequence);
-  the attention core's q, k, v (after QK-norm and RoPE; grouped-query k, v repeated in bf16/fp16 only), output and
-  log-sum-exp on a fused (flash / memory-efficient) kernel, or q, k, v and three s x s
-  tensors (probabilities, dropout mask, dropped probabilities) on the unfused one; the
-  MLP's intermediate tensors; one dropout mask per residual branch. Selective
-  recomputation keeps the qkv output instead of the core's tensors; full keeps only the
-  block input. Per microbatch: RoPE tables, the additive attention mask (ALiBi only;
-  packed documents need none), the embedding's indices, and on the last stage the final norm, the head input
-  and the cross-entropy's fp32 softmax over this rank's vocabulary slice.
+  Per layer, without recomputation, the saved tensors are: each norm's input (compute
+  dtype) and fp32 per-row statistics; the input of every matmul (qkv, attention
+  projection, MLP in and out) — under sequence parallelism the qkv's and the MLP's are
+  the local sequence shard (re-gathered in backward), and the MLP's second linear keeps
+  the first one's output, not the activation's (rebuilt in backward); the attention
+  core's q, k, v (after QK-norm and RoPE; grouped-query k, v repeated in bf16/fp16 only),
+  output and log-sum-exp on a fused (flash / memory-efficient) kernel, or q, k, v and
+  three s x s tensors (probabilities, dropout mask, dropped probabilities) on the unfused
+  one; one dropout mask per residual branch. Selective recomputation keeps the qkv
+  output instead of the core's tensors; full keeps only the block input. Per microbatch:
+  RoPE tables, the additive attention mask (ALiBi only; packed documents need none), the
+  embedding's indices, and on the last stage the final norm, the head input (the
+  sequence shard under sp) and the cross-entropy's fp32 softmax over this rank's
+  vocabulary slice.
+
+  With sequence parallelism, bf16, selective recomputation, no dropout, a SwiGLU MLP of
+  width f and kv width h_kv, one layer keeps ``s·b·(2h + 2h + 2h + 2(h + 2 h_kv) + 2h +
+  4f) / tp + 4·2·s·b / tp`` bytes: 2 norm inputs, 2 linear-input shards, the attention
+  output, qkv, and gate+up (`trident bench memory` prints it next to Megatron's
+  ``s·b·h·(18 + 4f/h) / tp``).
 
   Device matters in two places: CPU dropout keeps its mask in the compute dtype (CUDA a
   bool), and CPU SDPA falls back to the unfused kernel when attention dropout is on.
@@ -206,14 +215,10 @@ class Shapes:
 
 
 def _norm_bytes(x: Shapes, rows: int, dim: int) -> int:
-    """A norm's saved tensors: fp32 input and (RMSNorm) normalised output, per-row statistics,
-    and fp32 copies of its weights when the model is not fp32."""
-    stats = 1 if x.cfg.norm == "rmsnorm" else 2  # rsqrt | mean, rstd
-    body = 2 if x.cfg.norm == "rmsnorm" else 1  # layer_norm keeps only its input
-    copies = 0
-    if x.e != 4:
-        copies = 4 * dim * (2 if x.cfg.norm == "layernorm" and x.cfg.bias else 1)
-    return 4 * rows * dim * body + 4 * rows * stats + copies
+    """A norm's saved tensors (`trident.model.norms`): its input in the compute dtype and
+    fp32 per-row statistics."""
+    stats = 1 if x.cfg.norm == "rmsnorm" else 2  # rstd | mean, rstd
+    return x.e * rows * dim + 4 * rows * stats
 
 
 def _rewritten(x: Shapes) -> tuple[bool, bool, bool]:
@@ -232,7 +237,7 @@ def attention_core_bytes(x: Shapes) -> int:
     total = 0
     if c.qk_norm:
         for rows in (b * a * s, b * x.kv * s):
-            total += _norm_bytes(x, rows, hd) - (4 * rows * hd if e == 4 else 0)  # fp32: its input is the view
+            total += _norm_bytes(x, rows, hd) - e * rows * hd  # its input is the view of qkv
     q_new, k_new, v_new = _rewritten(x)
     k_heads = x.heads if _rewritten(x)[2] else x.kv
     if x.fused_attention:
@@ -240,6 +245,8 @@ def attention_core_bytes(x: Shapes) -> int:
         # input), fp32 log-sum-exp
         total += e * b * s * hd * ((a if q_new else 0) + (k_heads if k_new else 0) + (a if v_new else 0))
         total += e * b * s * a * hd + 4 * b * a * s
+        if x.doc_masking:  # one SDPA call per document keeps its own output besides their concatenation
+            total += e * b * s * a * hd
     else:
         # (CPU's unfused kernel computes in fp32 whatever the dtype) q * scale and k, v as
         # batched-matmul operands (views are copied), probabilities, dropout mask, dropped
@@ -250,8 +257,8 @@ def attention_core_bytes(x: Shapes) -> int:
 
 def qkv_view_saved(x: Shapes) -> bool:
     """Does the core keep a view of the qkv output (and so its whole storage)?"""
-    if x.cfg.qk_norm and x.e == 4:
-        return True  # an fp32 norm keeps its input, the q / k view
+    if x.cfg.qk_norm:
+        return True  # the norm keeps its input, the q / k view
     return x.fused_attention and not all(_rewritten(x))
 
 
@@ -276,9 +283,7 @@ def layer_bytes(x: Shapes, recompute: str = "none") -> dict[str, int]:
         return {"block_input": e * b * sr * h}
     parts: dict[str, int] = {}
     parts["norms"] = 2 * _norm_bytes(x, b * sr, h)
-    parts["linear_inputs"] = 2 * e * b * s * h  # qkv and MLP inputs (all-gathered under sp)
-    if c.kv_heads % x.tp != 0:  # replicated kv heads: the concatenated qkv weight is saved
-        parts["qkv_weight_copy"] = e * (x.heads + 2 * x.kv) * c.head_dim * h
+    parts["linear_inputs"] = 2 * e * b * sr * h  # qkv and MLP inputs (under sp the shard: re-gathered in backward)
     qkv = e * b * s * (x.heads + 2 * x.kv) * c.head_dim
     if recompute == "selective":
         parts["qkv"] = qkv
@@ -288,7 +293,7 @@ def layer_bytes(x: Shapes, recompute: str = "none") -> dict[str, int]:
         if qkv_view_saved(x):
             parts["qkv"] = qkv
     fc = 2 * f if c.activation == "swiglu" else f
-    parts["mlp"] = e * b * s * (fc + f + (f if c.activation == "swiglu" else 0))
+    parts["mlp"] = e * b * s * fc  # the first linear's output; the activation is rebuilt in backward
     if c.dropout > 0:
         parts["dropout_masks"] = 2 * x.dropout_mask * b * sr * h
     return parts
@@ -319,14 +324,7 @@ def head_bytes(x: Shapes) -> int:
     else:
         vocab = padded_vocab_size(c.vocab_size, c.vocab_pad_multiple, x.tp) // x.tp
         loss = 4 * b * s * vocab + 9 * b * s
-    return _norm_bytes(x, b * x.sr, c.hidden) + x.e * b * s * c.hidden + loss
-
-
-def input_saved_as_is(x: Shapes) -> bool:
-    """Does a layer save its input tensor itself (not a copy)? Pre-norm: the fp32 first norm
-    keeps it (a bf16 one keeps an fp32 copy); post-norm: the qkv matmul, unless sequence
-    parallelism all-gathers it first."""
-    return x.e == 4 if x.cfg.norm_position == "pre" else not x.sp
+    return _norm_bytes(x, b * x.sr, c.hidden) + x.e * b * x.sr * c.hidden + loss
 
 
 @dataclass(frozen=True)
@@ -348,9 +346,8 @@ def stage_activation_bytes(
     # the first backward of a microbatch walks the stage's last layer first: what it frees
     # before the recomputation there, and what the recomputation adds
     if recompute == "full":
-        rebuilt = sum(layer_bytes(x, "none").values())
-        if input_saved_as_is(x):
-            rebuilt -= x.e * x.b * x.sr * x.cfg.hidden  # the kept block input itself
+        # the kept block input is saved as it is (by the first norm, or post-norm by the qkv)
+        rebuilt = sum(layer_bytes(x, "none").values()) - x.e * x.b * x.sr * x.cfg.hidden
         during = a - head + rebuilt
     elif recompute == "selective":
         freed = layer["mlp"] + layer["linear_inputs"] // 2 + layer["attention_output"] + layer["norms"] // 2
@@ -365,7 +362,5 @@ def stage_activation_bytes(
     buffers = 0
     if not last:
         buffers += in_flight * x.e * x.b * x.sr * x.cfg.hidden  # outputs kept for their backward
-    if not first and not (recompute == "full" or input_saved_as_is(x)):
-        buffers += in_flight * x.e * x.b * x.sr * x.cfg.hidden  # inputs autograd keeps only as copies
     return ActivationBytes(per_microbatch=a, in_flight=in_flight, peak=(in_flight - 1) * a + one,
                            pipeline_buffer=buffers)

@@ -108,3 +108,23 @@ def test_slurm_script_builds_one_torchrun_per_node(tmp_path):
     missing = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch")], capture_output=True, text=True,
                              env=env, timeout=30)
     assert missing.returncode != 0 and "usage: sbatch scripts/slurm.sbatch CONFIG" in missing.stderr
+
+
+def test_bench_memory_prints_planner_measured_and_the_regather_trace(tmp_path, capsys):
+    from trident.tools.cli import main
+
+    args = ["bench", "memory", "--tp", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "128",
+            "--seq", "32", "--trace", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  2 ")]
+    assert [r[1] for r in rows] == ["no", "yes"]
+    for r in rows:  # planner / measured pairs agree in every column
+        cells = [c for c in " ".join(r[2:]).replace("/", " ").split()]
+        pairs = list(zip(cells[0:14:2], cells[1:14:2]))
+        assert all(a == b for a, b in pairs), r
+    assert "sp_regather_wait" in out and "sp_weight_grad" in out
+    trace = json.loads((tmp_path / "regather_tp2_rank0.json").read_text())
+    assert any(e.get("name") == "sp_regather_wait" for e in trace["traceEvents"])
+    assert main(["bench", "memory", "--tp", "3"]) == 2
+    assert "--tp 3 must be >= 1 and divide --heads 8" in capsys.readouterr().err

@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "checkpoint": "trident.tools.bench_checkpoint",
     "train": "trident.tools.bench_train",
     "attention": "trident.tools.bench_attention",
+    "memory": "trident.tools.bench_memory",
 }
 
 

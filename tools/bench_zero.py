@@ -14,12 +14,10 @@ Run it as ``trident bench zero ...``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
+
+from trident.tools.local_ranks import run_on_local_ranks
 
 MiB = 2**20
 
@@ -46,8 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, run every dp size in its own set of processes, print a table."""
-    import torch.multiprocessing as mp
-
     from trident.errors import UserError
     from trident.parallel.zero.mixed_precision import parse_dtype
 
@@ -62,27 +58,9 @@ def run(args: argparse.Namespace) -> int:
     config = {k: v for k, v in vars(args).items() if k != "func"}
     rows = []
     for dp in args.dp:
-        with tempfile.TemporaryDirectory(prefix="trident-bench-zero-") as tmp:
-            mp.start_processes(_rank_main, args=(dp, config, tmp), nprocs=dp, start_method="spawn")
-            rows += json.loads((Path(tmp) / "result.json").read_text())
+        rows += run_on_local_ranks(_measure, dp, config)
     print(format_report(rows, config))
     return 0
-
-
-def _rank_main(rank: int, dp: int, config: dict, tmp: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=dp, timeout=datetime.timedelta(seconds=600)
-    )
-    try:
-        rows = _measure(dp, config)
-        if rank == 0:
-            (Path(tmp) / "result.json").write_text(json.dumps(rows))
-    finally:
-        dist.destroy_process_group()
 
 
 def _measure(dp: int, config: dict) -> list[dict]:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.devices is None:
         plan = make_plan(cfg.model, base, device)
-        print(format_plan(plan, memory, args.config))
+        print(format_plan(plan, memory, args.config, cfg.model))
         return 0
     fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp}
     plans = search(cfg.model, base, args.devices, memory, device, fixed, recompute_fixed=args.recompute is not None)
@@ -66,8 +66,9 @@ def _unit(largest: float) -> tuple[str, float]:
     return "kB", 1e3
 
 
-def format_plan(plan, memory: int, source: str | None = None) -> str:
-    """The per-stage memory table, FLOPs, bytes per group and the predicted step."""
+def format_plan(plan, memory: int, source: str | None = None, model=None) -> str:
+    """The per-stage memory table, FLOPs, bytes per group and the predicted step; with the
+    `model` config, Megatron's activation figure for the layout too."""
     from trident.planning.devices import format_bytes
 
     st, dev = plan.settings, plan.device
@@ -97,6 +98,12 @@ def format_plan(plan, memory: int, source: str | None = None) -> str:
         )
     if st.zero == 2:
         lines.append("(grads: the full fp32 buffer held during backward; between steps only the 1/dp shard)")
+    if model is not None and st.sp and st.recompute == "selective" and st.dtype != "fp32":  # what Megatron prices
+        from trident.planning.megatron import megatron_activation_bytes
+
+        megatron = megatron_activation_bytes(model, st)
+        lines.append(f"Megatron-LM's formula (theoretical_memory_usage.py) for this layout: stage 0 activations "
+                     f"{megatron / size:.2f} {unit} (trident {plan.stages[0].activation_bytes / size:.2f})")
     world = st.world
     lines += [
         "",

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trident.parallel.collectives import all_reduce_coalesced
+from trident.parallel.collectives import all_reduce, all_reduce_coalesced
+from trident.parallel.tensor.lean_linear import activation_linear, gathered_linear
 from trident.parallel.tensor.mappings import (
     copy_to_tp,
-    gather_from_sp,
     gather_from_tp,
     reduce_from_tp,
     reduce_scatter_to_sp,
@@ -54,6 +54,23 @@ def sync_tp_partial_grads(module: nn.Module, topo: Topology) -> None:
     if topo.tp == 1:
         return
     all_reduce_coalesced([p.grad for p in module.parameters() if is_tp_partial(p) and p.grad is not None], topo.tp_group)
+
+
+class _SumReplicaGrads(torch.autograd.Function):
+    """Identity forward; backward sums the gradient of each replicated row block
+    ``(offset, length, group)`` over that block's group (the ranks sharing a kv head)."""
+
+    @staticmethod
+    def forward(ctx, t, groups):  # type: ignore[override]
+        ctx.groups = groups
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad = grad.contiguous().clone()  # never reduce in place a gradient autograd may share
+        for offset, length, group in ctx.groups:
+            all_reduce(grad[offset : offset + length], group)
+        return grad, None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -102,26 +119,27 @@ class ColumnParallelLinear(nn.Module):
             set_pieces(self.bias, b_pieces)
 
     def _shared(self, t: torch.Tensor) -> torch.Tensor:
-        """Route replicated blocks through copy_to_tp on their replica group, so their
-        gradient is the sum over the ranks that use them."""
-        if not any(b.grad_group is not None for b in self.blocks):
-            return t
-        parts, offset = [], 0
+        """A view of `t` whose gradient, for each replicated block, is summed over the ranks
+        that hold it (no copy of the weight is made, so none is kept for backward)."""
+        groups = [(offset, b.length, b.grad_group) for offset, b in zip(self._offsets(), self.blocks)
+                  if b.grad_group is not None]
+        return _SumReplicaGrads.apply(t, groups) if groups else t
+
+    def _offsets(self) -> list[int]:
+        starts, offset = [], 0
         for b in self.blocks:
-            part = t[offset : offset + b.length]
-            parts.append(copy_to_tp(part, b.grad_group) if b.grad_group is not None else part)
+            starts.append(offset)
             offset += b.length
-        return torch.cat(parts)
+        return starts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [batch, seq (/tp if sequence parallel), in]  ->  y: [batch, seq, out/tp]
-        if self.sequence_parallel:
-            x = gather_from_sp(x, self.group)
-        else:
-            x = copy_to_tp(x, self.group)
         weight = self._shared(self.weight)
         bias = self._shared(self.bias) if self.bias is not None else None
-        y = F.linear(x, weight, bias)
+        if self.sequence_parallel:  # gathers the sequence; keeps only this rank's shard for backward
+            y = gathered_linear(x, weight, bias, self.group)
+        else:
+            y = F.linear(copy_to_tp(x, self.group), weight, bias)
         if self.gather_output:
             y = gather_from_tp(y, self.group)
         return y
@@ -164,11 +182,13 @@ class RowParallelLinear(nn.Module):
             if self.sequence_parallel:
                 mark_tp_partial_grad(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [batch, seq, in/tp]  ->  y: [batch, seq (/tp if sequence parallel), out]
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """`activation` (a name in `lean_linear.ACTIVATIONS`), when given, is applied to `x`
+        first and rebuilt in backward rather than kept: the MLP passes its SwiGLU / GeLU here."""
+        # x: [batch, seq, in/tp] (or [batch, seq, 2*in/tp] before SwiGLU)  ->  y: [batch, seq (/tp if sp), out]
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if activation is None else activation_linear(activation, x, self.weight)
         y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
 
@@ -233,7 +253,9 @@ class VocabParallelEmbedding(nn.Module):
         backward would zero-fill and copy a logits-sized tensor every step)."""
         # x: [batch, seq (/tp if sequence parallel), hidden]  ->  [batch, seq, padded_vocab/tp] (tp > 1)
         #                                                       or [batch, seq, vocab] (tp = 1)
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        if self.sequence_parallel:
+            return gathered_linear(x, self.weight, None, self.group)
+        x = copy_to_tp(x, self.group)
         if self.local_size == self.padded_size and self.padded_size > self.vocab_size:
             return F.linear(x, self.weight[: self.vocab_size])
         return F.linear(x, self.weight)

@@ -1,0 +1,151 @@
+"""Linears that keep less for backward than autograd would, as Megatron's do.
+
+Plain autograd saves a linear's input as it was given to the matmul. Two inputs are
+cheaper to rebuild than to keep:
+
+* **The all-gathered sequence** of a column-parallel linear under sequence parallelism
+  (`gathered_linear`). Autograd would keep the full ``[b, s, hidden]`` gather in every
+  such linear (the qkv, the MLP's first linear, the head): 2·s·b·h bytes per layer not
+  divided by tp. Megatron keeps the local ``s/tp`` shard and all-gathers it again in
+  backward ("Reducing Activation Recomputation in Large Transformer Models", §4.2.2):
+  the gather is issued asynchronously, the input-gradient matmul (which does not need
+  it) runs meanwhile, and only the weight-gradient matmul waits for it; the
+  input-gradient reduce-scatter then runs under the weight-gradient matmul.
+
+* **An elementwise activation's output** feeding the MLP's second linear
+  (`activation_linear`): SwiGLU's ``silu(gate) * up`` or GeLU's output, ffn wide. Its
+  input (gate and up, or the GeLU input) is kept anyway, so the output is rebuilt in
+  backward by one elementwise pass instead of being stored (ffn·s·b elements less per
+  layer), and the activation's own backward runs on that input directly (SwiGLU's
+  autograd would also keep ``silu(gate)``: another ffn·s·b).
+
+Both are autograd Functions whose backward computes the same gradients as autograd of
+the plain ops (to float rounding), so every layout still computes one process's step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from trident.parallel.collectives import Group, all_gather_single, reduce_scatter_single
+from trident.parallel.tensor.mappings import SEQ_DIM
+from trident.parallel.topology import group_size
+
+
+def _weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW = grad_y^T x over all tokens: [out, in]."""
+    return grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+
+
+def _gather_seq(shard: torch.Tensor, group: Group, async_op: bool):
+    """All-gather the sequence dim into a new tensor; returns (gathered, work or None)."""
+    n = group_size(group)
+    src = shard.movedim(SEQ_DIM, 0).contiguous()  # [s/tp, b, h]
+    out = torch.empty((n * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+    work = all_gather_single(out, src, group=group, async_op=async_op)
+    return out.movedim(0, SEQ_DIM), work  # [b, s, h] (a view of the [s, b, h] buffer)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard, weight, bias, group):  # type: ignore[override]
+        with record_function("sp_gather_forward"):  # the same gather, blocking: what overlap saves
+            full, _ = _gather_seq(shard, group, async_op=False)
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(shard, weight)  # the shard, not the gather
+        return F.linear(full, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        # the profiler spans (`trident bench memory --trace`) show what the re-gather exposes
+        shard, weight = ctx.saved_tensors
+        full, gather = _gather_seq(shard, ctx.group, async_op=True)  # overlapped with the matmul below
+        with record_function("sp_input_grad"):
+            grad_full = grad_y.matmul(weight)  # [b, s, in]: needs only the weight
+            grad_src = grad_full.movedim(SEQ_DIM, 0).contiguous()  # [s, b, in]
+        grad_shard = grad_src.new_empty((grad_src.shape[0] // group_size(ctx.group),) + tuple(grad_src.shape[1:]))
+        with record_function("sp_regather_wait"):  # exposed time of the re-gather
+            gather.wait()
+        scatter = reduce_scatter_single(grad_shard, grad_src, group=ctx.group, async_op=True)
+        with record_function("sp_weight_grad"):  # under the reduce-scatter
+            grad_w = _weight_grad(grad_y, full) if ctx.needs_input_grad[1] else None
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        with record_function("sp_reduce_scatter_wait"):
+            scatter.wait()
+        return grad_shard.movedim(0, SEQ_DIM), grad_w, grad_b, None
+
+
+def gathered_linear(shard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group) -> torch.Tensor:
+    """``F.linear(all_gather_seq(shard), weight, bias)``, saving only the shard for backward.
+
+    Backward: the input's gradient is reduce-scattered back to sequence shards (every rank's
+    full-sequence copy fed a different weight shard), as `gather_from_sp`'s would be.
+    """
+    # shard: [b, s/tp, in]  ->  [b, s, out/tp]
+    if group_size(group) == 1:
+        return F.linear(shard, weight, bias)
+    return _GatheredLinear.apply(shard, weight, bias, group)
+
+
+def _swiglu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, silu(gate)): the second is reused by the backward."""
+    # h: [..., 2f] (gate then up)  ->  [..., f]
+    gate, up = h.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    return silu_gate * up, silu_gate
+
+
+def _swiglu_backward(h: torch.Tensor, grad: torch.Tensor, silu_gate: torch.Tensor) -> torch.Tensor:
+    """The gradient of h, written into one [..., 2f] tensor (no concatenation)."""
+    gate, up = h.chunk(2, dim=-1)
+    out = torch.empty_like(h)
+    grad_gate, grad_up = out.chunk(2, dim=-1)
+    torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+    torch.mul(grad, silu_gate, out=grad_up)
+    return out
+
+
+def _gelu(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return F.gelu(h, approximate="tanh"), None
+
+
+def _gelu_backward(h: torch.Tensor, grad: torch.Tensor, _: None) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+
+
+# name -> (forward: input -> (output, what the backward reuses), backward(input, grad of
+# output, reused) -> grad of input): the same kernels autograd would run
+ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+    "swiglu": (_swiglu, _swiglu_backward),
+    "gelu": (_gelu, _gelu_backward),
+}
+
+
+class _ActivationLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, kind):  # type: ignore[override]
+        ctx.kind = kind
+        ctx.save_for_backward(x, weight)  # not the activation's output: rebuilt in backward
+        return F.linear(ACTIVATIONS[kind][0](x)[0], weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        act, act_backward = ACTIVATIONS[ctx.kind]
+        out, reused = act(x)  # rebuilt
+        grad_w = _weight_grad(grad_y, out) if ctx.needs_input_grad[1] else None
+        grad_x = act_backward(x, grad_y.matmul(weight), reused) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, None
+
+
+def activation_linear(kind: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(act(x), weight)`` for an activation of `ACTIVATIONS`, keeping `x` (not
+    ``act(x)``) for backward."""
+    # x: [b, s, 2f] (swiglu) or [b, s, f] (gelu)  ->  [b, s, out]
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return F.linear(ACTIVATIONS[kind][0](x)[0], weight)
+    return _ActivationLinear.apply(x, weight, kind)
