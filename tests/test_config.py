@@ -125,3 +125,16 @@ def test_flops_formula_matches_the_6n_rule_for_gpt2():
     assert flops_per_token(cfg, 1024) == 6 * n_matmul + 12 * 12 * 768 * 1024
     # about 6 * 124M + attention: the figure nanoGPT's MFU estimate uses
     assert 0.85e9 < flops_per_token(cfg, 1024) < 0.9e9
+
+
+def test_a_single_dataset_prefix_may_be_a_string():
+    from trident.errors import UserError
+    from trident.training.config import load_config
+
+    cfg = load_config(None, ["data.prefix=/data/web_text_document"])
+    assert cfg.data.prefix == ["/data/web_text_document"] and cfg.data.weights is None
+    assert load_config(None, ["data.prefix=[/a, /b]", "data.weights=[1, 3]"]).data.prefix == ["/a", "/b"]
+    with pytest.raises(UserError, match="data.weights must be a list"):
+        load_config(None, ["data.prefix=/a", "data.weights=1"])
+    with pytest.raises(UserError, match="log.timeline_step must be >= 0"):
+        load_config(None, ["log.timeline_step=-1"])

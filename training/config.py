@@ -154,7 +154,10 @@ class LogSection:
     tensorboard: bool = False
     """Also write TensorBoard event files (needs the tensorboard extra)."""
     timeline: bool = False
-    """Record a pipeline timeline (Chrome trace + PNG) of the first logged step."""
+    """Record a pipeline timeline (Chrome trace + PNG) of one step (log.timeline_step)."""
+    timeline_step: int = 0
+    """The step the timeline records; 0 = the first step after a warm-up of 2 (the last
+    step when the run is shorter): start-up costs would hide the schedule's bubble."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for MFU; 0 = from the device table or a measured matmul."""
 
@@ -204,6 +207,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
     if origin is list:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]  # one dataset, one tokenizer file...: a string is a list of one
         if not isinstance(value, list):
             raise UserError(f"{key} must be a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
@@ -315,6 +320,8 @@ def validate(cfg: Config) -> Config:
         )
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
         raise UserError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
+    if cfg.log.timeline_step < 0:
+        raise UserError(f"log.timeline_step must be >= 0 (0 = after a warm-up of 2 steps), got {cfg.log.timeline_step}")
     if cfg.data.weights is not None and (cfg.data.prefix is None or len(cfg.data.weights) != len(cfg.data.prefix)):
         raise UserError("data.weights needs one weight per entry of data.prefix")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
