@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from trident.model.config import ModelConfig
-from trident.parallel.tensor.layers import padded_vocab_size
 from trident.parallel.pipeline.stages import stage_layers
+from trident.parallel.tensor.layers import padded_vocab_size
 
 ALIGN = 16  # elements; trident.parallel.zero.grad_buffer.ALIGN
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
