@@ -84,6 +84,12 @@ def test_demo_trains_checkpoints_and_prints_a_sample(data_dir, tmp_path):
     assert json.loads((run / "checkpoints" / "latest").read_text())["step"] == 4
     sample = proc.stdout.split("(temperature 0.8, top-k 40):\n")[1].split("\n\nmetrics:")[0]
     assert sample.startswith("def ") and len(sample) > len("def ")
+    # the start-of-run summary, not the whole config; and at the end, the next commands for this run
+    assert "layout:            tp=1 pp=2 dp=1 (world 2)" in proc.stdout and "resolved config:\n" not in proc.stdout
+    nxt = proc.stdout.split("\nnext:\n")[1]
+    assert f"  trident plot {run}\n" in nxt
+    assert f"  trident generate --checkpoint {run}/checkpoints --prompt 'def '" in nxt
+    assert f"--nproc 2 --tp 1 --pp 2 --run-dir {run} " in nxt and nxt.rstrip().endswith("train.steps=8")
 
 
 def test_slurm_script_builds_one_torchrun_per_node(tmp_path):

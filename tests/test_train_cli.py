@@ -20,20 +20,26 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import CONFIG, TIMEOUT, TINY, losses, trident
+from trident.model.config import ModelConfig
+from trident.model.gpt import GPT
+from trident.parallel.topology import Topology
 
 
 @pytest.fixture(scope="session")
 def reference_run(data_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run-1-1-1")
-    trident("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, "train.steps=10", f"data.work_dir={data_dir}")
+    proc = trident("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, "train.steps=10",
+                   f"data.work_dir={data_dir}")
+    (run / "stdout.txt").write_text(proc.stdout)  # for test_start_of_run_summary
     return run
 
 
 @pytest.mark.parametrize("tp, pp, dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)])
 def test_every_layout_logs_the_same_losses(reference_run, data_dir, tmp_path, tp, pp, dp):
     world = tp * pp * dp
-    timeline = ["log.timeline=true"] if pp > 1 else []  # recording it must not change a loss
-    trident("train", "--config", str(CONFIG), "--nproc", str(world), "--tp", str(tp), "--pp", str(pp),
+    # recording the timeline must not change a loss; (2,2,2) asks for step 7, (1,2,1) takes the default
+    timeline = ["log.timeline=true", *(["log.timeline_step=7"] if dp > 1 else [])] if pp > 1 else []
+    proc = trident("train", "--config", str(CONFIG), "--nproc", str(world), "--tp", str(tp), "--pp", str(pp),
             "--run-dir", str(tmp_path), *TINY, "train.steps=10", *timeline, f"data.work_dir={data_dir}")
     ref, got = losses(reference_run), losses(tmp_path)
     assert len(ref) == len(got) == 10
@@ -48,6 +54,22 @@ def test_every_layout_logs_the_same_losses(reference_run, data_dir, tmp_path, tp
             assert sorted(e["args"]["microbatch"] for e in mine if e["cat"] == "forward") == list(range(micro))
             assert sorted(e["args"]["microbatch"] for e in mine if e["cat"] == "backward") == list(range(micro))
         assert (tmp_path / "timeline.png").read_bytes().startswith(b"\x89PNG")
+        _check_timeline_figures(tmp_path, proc.stdout, step=7 if dp > 1 else 3, tp=tp, dp=dp, micro=micro, world=world)
+
+
+def _check_timeline_figures(run: Path, stdout: str, step: int, tp: int, dp: int, micro: int, world: int) -> None:
+    """The trace's metadata and the log line carry the step (the default: the first after a
+    2-step warm-up), real busy shares, and measured vs theoretical bubble (1/(m+1) at p=2)."""
+    trace = json.loads((run / "timeline.json").read_text())
+    meta, spans = trace["otherData"], [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    lowest = sorted({min(e["tid"] for e in spans if e["pid"] == s) for s in (0, 1)})
+    assert (meta["step"], meta["stages"], meta["microbatches"], meta["tp"], meta["dp"]) == (step, 2, micro, tp, dp)
+    assert meta["drawn_ranks"] == lowest and len(lowest) == 2 and world == 2 * tp * dp
+    assert meta["theoretical_bubble"] == 1 / (micro + 1) and 0 <= meta["measured_bubble"] < 1
+    assert meta["step_time_s"] > 0 and all(0 < b <= 1 for b in meta["busy_share"].values())
+    line = next(x for x in stdout.splitlines() if x.startswith("pipeline timeline of step"))
+    assert line.startswith(f"pipeline timeline of step {step}: {run / 'timeline.json'}, {run / 'timeline.png'}")
+    assert f"{meta['measured_bubble']:.1%} measured vs {1 / (micro + 1):.1%} theoretical" in line
 
 
 def test_metrics_file_and_resolved_config(reference_run):
@@ -66,11 +88,56 @@ def test_metrics_file_and_resolved_config(reference_run):
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [5, 10] and all(r["val_ppl"] > 1 for r in val)
     resolved = json.loads((reference_run / "config.json").read_text())
+    assert set(resolved["derived"]) == {"world", "dp", "microbatches_per_step", "tokens_per_step", "parameters",
+                                        "flops_per_step", "peak_tflops_per_device", "peak_source"}
     assert resolved["derived"]["dp"] == 1 and resolved["derived"]["microbatches_per_step"] == 4
     assert resolved["derived"]["tokens_per_step"] == 8 * 32 and resolved["train"]["steps"] == 10
     # warm-up then cosine: lr rises for 2 steps, then falls
     lrs = [r["lr"] for r in train]
     assert lrs[0] < lrs[1] and all(b <= a for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def _summary(stdout: str) -> dict[str, str]:
+    """The start-of-run summary's `key: value` lines, by key."""
+    rows = {}
+    for line in stdout.split("trident train (the whole resolved config: ")[1].splitlines()[1:]:
+        if not line.startswith("  "):
+            break
+        key, value = line.split(": ", 1)
+        rows[key.strip()] = value.strip()
+    assert 10 <= len(rows) <= 16  # a dozen lines or so
+    return rows
+
+
+def test_start_of_run_summary(reference_run):
+    """A dozen lines of real values instead of the whole JSON (still in config.json)."""
+    stdout = (reference_run / "stdout.txt").read_text()
+    resolved = json.loads((reference_run / "config.json").read_text())
+    model = GPT(ModelConfig(**resolved["model"]), Topology.single())
+    params = sum(p.numel() for p in model.parameters())
+    assert params == resolved["derived"]["parameters"]
+    got = _summary(stdout)
+    assert "resolved config:\n" not in stdout and '"derived"' not in stdout
+    assert got["layout"] == "tp=1 pp=1 dp=1 (world 1), sequence parallel off"
+    assert got["parameters"].startswith(f"{params:,} (") and f"; {params:,} on this rank (rank 0" in got["parameters"]
+    assert got["tokens/step"] == f"{8 * 32:,} (8 sequences x 32 tokens)"
+    assert got["microbatches/step"] == "4 per dp rank, 2 sequences each"
+    assert got["FLOPs/step"].startswith(f"{resolved['derived']['flops_per_step']:.3e} (")
+    assert (got["dtype"], got["ZeRO stage"], got["recompute"]) == ("fp32", str(resolved["optim"]["zero"]), "none")
+    assert got["data"].startswith("stdlib corpus (") and got["tokenizer"].endswith("(trained on the stdlib corpus)")
+    assert got["run dir"] == str(reference_run) and got["start"].startswith("fresh")
+    assert got["steps"] == "0 -> 10"
+
+
+def test_a_data_error_is_printed_once_for_all_ranks(data_dir, tmp_path):
+    tokenizer = next(data_dir.glob("stdlib-sp*.model"))
+    proc = trident("train", "--config", str(CONFIG), "--nproc", "2", "--run-dir", str(tmp_path), *TINY,
+                   "data.prefix=/nonexistent/x", f"data.tokenizer={tokenizer}", check=False, timeout=180)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "/nonexistent/x.idx" in line]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("trident train: error: indexed dataset file /nonexistent/x.idx does not exist")
+    assert "(rank" in lines[0]
 
 
 @pytest.mark.parametrize(
@@ -122,11 +189,16 @@ def test_two_node_torchrun_on_localhost(data_dir, reference_run, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "trident-test",
                "-m", "trident", "train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *TINY,
-               "train.steps=10", f"data.work_dir={data_dir}"]
+               "train.steps=10", f"data.work_dir={data_dir}", "--print-config"]
         nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outs = [n.communicate(timeout=TIMEOUT) for n in nodes]
     for n, (out, err) in zip(nodes, outs):
         assert n.returncode == 0, err[-4000:]
     got, ref = losses(tmp_path), losses(reference_run)
     assert len(got) == 10 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref))
-    assert json.loads((tmp_path / "config.json").read_text())["derived"]["world"] == 2
+    text = (tmp_path / "config.json").read_text()
+    assert json.loads(text)["derived"]["world"] == 2
+    # --print-config: rank 0 (on whichever node) prints config.json's text whole, then the summary
+    printed = [out for out, _ in outs if "resolved config:\n" in out]
+    assert len(printed) == 1 and "resolved config:\n" + text in printed[0]
+    assert _summary(printed[0])["layout"] == "tp=1 pp=1 dp=2 (world 2), sequence parallel off"

@@ -10,6 +10,7 @@ preprocesses the corpus under `data.work_dir`; later runs reuse all three.
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="default: runs/demo-<date>-<time>")
     p.add_argument("--prompt", default="def ", help="start of the generated sample")
     p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--print-config", action="store_true", help="also print the whole resolved config as JSON")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=50")
     p.set_defaults(func=run)
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("trident demo starts its own ranks; under torchrun run `trident train --config configs/demo.yaml`")
     run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     train_argv = ["train", "--config", str(demo_config()), "--tp", str(args.tp), "--pp", str(args.pp),
-                  "--run-dir", str(run_dir), *args.overrides]
+                  "--run-dir", str(run_dir), *(["--print-config"] if args.print_config else []), *args.overrides]
     cfg = load_config(demo_config(), [*args.overrides, f"parallel.tp={args.tp}", f"parallel.pp={args.pp}"])
     derive(cfg, args.nproc)  # a layout that does not divide fails here, before any rank starts
     print(f"trident demo: training {demo_config().name} on {args.nproc} local ranks "
@@ -56,11 +58,39 @@ def run(args: argparse.Namespace) -> int:
     else:
         from trident.training.trainer import train
 
-        train(cfg, run_dir=run_dir)
-    return _sample(run_dir, args)
+        train(cfg, run_dir=run_dir, print_config=args.print_config)
+    return _sample(run_dir, args, cfg.train.steps)
 
 
-def _sample(run_dir: Path, args: argparse.Namespace) -> int:
+def _shown_path(path: Path) -> str:
+    """A path as a user would type it here: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def next_commands(run_dir: Path, args: argparse.Namespace, steps: int) -> list[str]:
+    """The commands a user tries after the demo, for this run: its curves, more samples,
+    and more training (a run dir with a checkpoint resumes; `train.steps` is where to stop)."""
+    run = _shown_path(run_dir)
+    overrides = [o for o in args.overrides if not o.startswith("train.steps=")]
+    nproc = ["--nproc", str(args.nproc)] if args.nproc > 1 else []
+    more = ["trident", "train", "--config", _shown_path(demo_config()), *nproc, "--tp", str(args.tp),
+            "--pp", str(args.pp), "--run-dir", run, *overrides, f"train.steps={2 * steps}"]
+    return [
+        "next:",
+        f"  # loss and learning-rate curves -> {run}/curves.png",
+        f"  trident plot {shlex.quote(run)}",
+        "  # more samples from the final checkpoint",
+        f"  trident generate --checkpoint {shlex.quote(run + '/checkpoints')} --prompt {shlex.quote(args.prompt)}"
+        " --temperature 0.8 --top-k 40",
+        f"  # train on from the last checkpoint (step {steps}) to step {2 * steps}",
+        "  " + shlex.join(more),
+    ]
+
+
+def _sample(run_dir: Path, args: argparse.Namespace, steps: int) -> int:
     from trident.inference.generate import generate_from_checkpoint
 
     latest = run_dir / "checkpoints"
@@ -70,5 +100,6 @@ def _sample(run_dir: Path, args: argparse.Namespace) -> int:
     text = generate_from_checkpoint(latest, args.prompt, max_new_tokens=args.max_new_tokens, temperature=0.8,
                                     top_k=40, seed=0)
     print(f"\nsample from {run_dir / 'checkpoints'} (temperature 0.8, top-k 40):\n{text}\n", flush=True)
-    print(f"metrics: {run_dir / 'metrics.jsonl'}; curves: trident plot {run_dir}", flush=True)
+    print(f"metrics: {run_dir / 'metrics.jsonl'}\n", flush=True)
+    print("\n".join(next_commands(run_dir, args, steps)), flush=True)
     return 0

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="where metrics, the resolved config and checkpoints go")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
     p.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart failed ranks this often")
+    p.add_argument("--print-config", action="store_true",
+                   help="also print the whole resolved config as JSON (it is always written to RUN_DIR/config.json)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=100")
     p.set_defaults(func=run)
 
@@ -40,7 +42,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trident.tools.launch import launch_local, under_launcher
+    from trident.errors import UserError
+    from trident.tools.launch import launch_local, report_rank_error, under_launcher
     from trident.training.config import load_config
 
     # validate the config before starting any rank: one message, once
@@ -52,5 +55,10 @@ def run(args: argparse.Namespace) -> int:
         return launch_local(args.nproc, args.argv, max_restarts=args.max_restarts)
     from trident.training.trainer import train
 
-    train(cfg, run_dir=args.run_dir, resume=args.resume)
+    try:
+        train(cfg, run_dir=args.run_dir, resume=args.resume, print_config=args.print_config)
+    except UserError as err:  # a rank of `--nproc N`: the launcher prints it, once for all ranks
+        if not report_rank_error(err):
+            raise
+        return 2
     return 0

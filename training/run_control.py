@@ -75,12 +75,13 @@ def make_topology(cfg: Config) -> Topology:
     return Topology.from_env(tp=p.tp, pp=p.pp, dp=p.dp, device=cfg.train.device, timeout_s=p.timeout_s)
 
 
-def write_resolved_config(run_dir: Path, cfg: Config, derived: dict[str, Any]) -> None:
+def write_resolved_config(run_dir: Path, cfg: Config, derived: dict[str, Any]) -> str:
     """RUN_DIR/config.json: the config as run, with what follows from it (written whole,
-    then renamed, so a reader never sees half a file); echoed to stdout."""
+    then renamed, so a reader never sees half a file). Returns the JSON text, which is
+    printed only on request (`--print-config`): a start-of-run summary replaces the echo."""
     run_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({**cfg.to_dict(), "derived": derived}, indent=2)
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(text + "\n")
     os.replace(tmp, run_dir / "config.json")
-    print("resolved config:\n" + text, flush=True)
+    return text

@@ -29,7 +29,8 @@ from trident.errors import UserError
 from trident.parallel.collectives import all_reduce, any_rank, comm_device
 from trident.parallel.pipeline.executor import run_pipeline
 from trident.parallel.pipeline.p2p import activation_shape
-from trident.parallel.pipeline.timeline import Timeline, gather_events, idle_fraction, plot_gantt, write_chrome_trace
+from trident.parallel.pipeline.schedule import bubble_fraction
+from trident.parallel.pipeline.timeline import Timeline, gather_events, recorded_step, write_timeline
 from trident.parallel.random import RNGStreams
 from trident.parallel.topology import Topology
 from trident.parallel.zero.clip import NonFiniteGradientError
@@ -45,8 +46,8 @@ from trident.training.run_control import (
     TrainSummary,
     launched,
     make_topology,
-    write_resolved_config,
 )
+from trident.training.summary import announce_run
 
 DEFAULT_RUN_DIR = Path("runs") / "trident"  # where a run writes when no --run-dir is given
 
@@ -76,8 +77,9 @@ def _prepare(micros: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[st
 class Trainer:
     """Holds the parts of one rank's run; `train()` is the usual entry point."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, print_config: bool = False) -> None:
         self.cfg = cfg
+        self.print_config = print_config  # also print the whole resolved config JSON at the start
         self.topo = make_topology(cfg)
         self.derived = derive(cfg, self.topo.world)
         self.run_dir = Path(run_dir) if run_dir is not None else DEFAULT_RUN_DIR
@@ -100,7 +102,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resumed_from: Path | None = None
         self.saved_step: int | None = None
-        self.timeline_due = cfg.log.timeline
+        self.timeline_due, self.timeline_step = cfg.log.timeline, -1  # -1: chosen at this process's first step
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -182,13 +184,9 @@ class Trainer:
             print(text, flush=True)
 
     def write_resolved_config(self) -> None:
+        """RUN_DIR/config.json and the start-of-run summary (`trident.training.summary`)."""
         if self.is_logger:
-            write_resolved_config(self.run_dir, self.cfg, {
-                "world": self.topo.world, "dp": self.derived.dp,
-                "microbatches_per_step": self.derived.microbatches, "tokens_per_step": self.derived.tokens_per_step,
-                "parameters": self.cfg.model.num_parameters(), "flops_per_step": self.flops_per_step,
-                "peak_tflops_per_device": self.peak_tflops, "peak_source": self.peak_source,
-            })
+            announce_run(self, self.print_config)
 
     # --- one step -----------------------------------------------------------------------
     def train_step(self, micros: list[dict[str, torch.Tensor]], measure: bool = False) -> dict[str, Any]:
@@ -200,8 +198,7 @@ class Trainer:
         opt.zero_grad()
         opt.set_lr(self.schedule.current)
         meter = ActivationMeter(self.model) if measure else None
-        # log.timeline: the first logged step, on every rank alike (gathering is collective)
-        timeline = Timeline(topo.pp_rank, topo.rank, topo.device) if measure and self.timeline_due else None
+        timeline = Timeline(topo.pp_rank, topo.rank, topo.device) if self._timeline_now() else None
         with meter if meter is not None else contextlib.nullcontext():
             result = run_pipeline(
                 self.model, topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
@@ -226,19 +223,21 @@ class Trainer:
         return {"loss": result.loss, "lr": lr, "grad_norm": step.grad_norm, "stepped": step.stepped,
                 "loss_scale": step.loss_scale, "clip_coef": step.clip_coef}
 
+    def _timeline_now(self) -> bool:
+        """Whether the coming step records the timeline (log.timeline_step; see `recorded_step`).
+        Chosen once, from config and the step this process starts at (after any resume),
+        so every rank records the same step, logged or not: gathering is collective."""
+        if self.timeline_due and self.timeline_step < 0:
+            self.timeline_step = recorded_step(self.cfg.log.timeline_step, self.step, self.cfg.train.steps)
+        return self.timeline_due and self.timeline_step == self.step + 1
+
     def _write_timeline(self, timeline: Timeline) -> None:
         """RUN_DIR/timeline.json (chrome://tracing, Perfetto) and timeline.png (a Gantt chart)."""
         self.timeline_due = False
         events = gather_events(timeline)
-        if not self.is_logger:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        trace = write_chrome_trace(events, self.run_dir / "timeline.json")
-        try:
-            chart = plot_gantt(events, self.run_dir / "timeline.png", title=f"step {self.step + 1}")
-            self.log(f"pipeline timeline of step {self.step + 1}: {trace}, {chart} (idle {idle_fraction(events):.1%})")
-        except UserError as err:  # matplotlib missing: the trace alone
-            self.log(f"pipeline timeline of step {self.step + 1}: {trace} ({err})")
+        if self.is_logger:
+            self.log(write_timeline(events, self.run_dir, self.step + 1, bubble_fraction, self.cfg.parallel.pp_schedule,
+                                    self.topo.tp, self.topo.dp))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -382,13 +381,14 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> TrainSummary:
+def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
+          print_config: bool = False) -> TrainSummary:
     """Run a whole training job on this rank (one process of torchrun, or the only one).
 
     A run dir that already holds a checkpoint is resumed automatically (so a job restarted
     by torchrun's --max-restarts continues); `resume=True` additionally requires one.
     """
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, print_config)
     try:
         trainer.resume(required=resume)
         return trainer.fit()

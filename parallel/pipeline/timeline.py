@@ -7,6 +7,11 @@ chrome://tracing or https://ui.perfetto.dev, and `plot_gantt` draws stages x tim
 matplotlib (an optional extra, imported only here and only when asked), so the bubble of
 a schedule is something a user can see rather than compute.
 
+`summarize` reads the figures a timeline is looked at for (the step time, each drawn rank's
+busy share, the measured bubble next to the schedule's theoretical one) so the picture, the
+trace's metadata and the trainer's log line all state them; `recorded_step` picks which
+step of a run is recorded, after the one-off start-up costs are over.
+
 The process-free schedule simulator (`parallel.pipeline.schedule.simulate`) produces the same
 `Event`s, so a planned schedule and a measured one are drawn by the same code.
 """
@@ -18,7 +23,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -132,8 +137,118 @@ def idle_fraction(events: Iterable[Event]) -> float:
     return 1.0 - busy / total if total > 0 else 0.0
 
 
-def chrome_trace(events: Iterable[Event]) -> dict:
-    """The Chrome trace-event format: one process per stage, one thread per rank."""
+WARMUP_STEPS = 2  # steps skipped by default: the first ones carry one-off start-up costs
+
+
+def recorded_step(requested: int, start_step: int, last_step: int) -> int:
+    """The step (numbered from 1) whose timeline a run records, or 0 for none.
+
+    `requested` 0 means the first step after WARMUP_STEPS steps of this process (allocator,
+    autograd and communicator set-up make the first backward 10-40x slower than the
+    steady state, which would hide the bubble), or the last step when the run is shorter.
+    A resumed run counts its warm-up from `start_step`, the step it resumed at. Every
+    input is config or checkpoint state, so all ranks choose the same step (gathering the
+    events is collective).
+    """
+    if start_step >= last_step:
+        return 0
+    if requested == 0:
+        return min(start_step + WARMUP_STEPS + 1, last_step)
+    return requested if start_step < requested <= last_step else 0
+
+
+def drawn_ranks(events: Iterable[Event]) -> dict[int, int]:
+    """stage -> the lowest rank of that stage: the one row of the Gantt chart per stage
+    (tp/dp replicas run the same schedule in lockstep and would overprint)."""
+    first: dict[int, int] = {}
+    for e in events:
+        first[e.stage] = min(first.get(e.stage, e.rank), e.rank)
+    return dict(sorted(first.items()))
+
+
+@dataclass(frozen=True)
+class TimelineSummary:
+    """The figures of one recorded step, stated on the picture, in the trace and in the log."""
+
+    step: int
+    schedule: str
+    stages: int
+    microbatches: int
+    step_time_s: float  # first event to last: the pipelined forward/backward part of the step
+    busy: dict[int, float]  # drawn rank -> share of step_time_s spent in forward/backward
+    measured_bubble: float  # idle share over every rank (`idle_fraction`)
+    theoretical_bubble: float  # (p-1)/(m+p-1) of 1F1B and GPipe with free transfers
+    tp: int = 1
+    dp: int = 1
+
+    @property
+    def drawn(self) -> list[int]:
+        return list(self.busy)
+
+    def title(self) -> str:
+        return (f"pipeline timeline of step {self.step} ({self.schedule}, p={self.stages}, m={self.microbatches}): "
+                f"{_duration(self.step_time_s)}, bubble {self.measured_bubble:.1%} measured vs "
+                f"{self.theoretical_bubble:.1%} theoretical")
+
+    def subtitle(self) -> str | None:
+        """Which rank each row shows, when a stage has more than one (tp or dp > 1)."""
+        if self.tp * self.dp == 1:
+            return None
+        ranks = ", ".join(map(str, self.drawn))
+        return f"one rank per stage: ranks {ranks} (tp={self.tp}, dp={self.dp})"
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "schedule": self.schedule, "stages": self.stages,
+                "microbatches": self.microbatches, "step_time_s": self.step_time_s,
+                "busy_share": {f"rank {r}": b for r, b in self.busy.items()}, "drawn_ranks": self.drawn,
+                "measured_bubble": self.measured_bubble, "theoretical_bubble": self.theoretical_bubble,
+                "tp": self.tp, "dp": self.dp}
+
+
+def summarize(events: Sequence[Event], step: int, bubble: Callable[[int, int], float], schedule: str = "1f1b",
+              tp: int = 1, dp: int = 1) -> TimelineSummary:
+    """The figures of `events` (one step, every rank, from `gather_events`); p and m are read
+    off the events themselves, so a summary cannot disagree with what was drawn. `bubble`
+    is the schedule's formula of (p, m), `schedule.bubble_fraction`: passed in because the
+    schedule module imports this one."""
+    if not events:
+        raise UserError("the timeline has no events to summarize; record a step with the timeline switched on")
+    rows = drawn_ranks(events)
+    t0, t1 = min(e.start for e in events), max(e.end for e in events)
+    span_s = t1 - t0
+    busy = {r: sum(e.duration for e in events if e.rank == r and e.cat in ("forward", "backward")) for r in rows.values()}
+    first = rows[min(rows)]
+    m = len({e.mb for e in events if e.rank == first and e.cat == "forward"})
+    return TimelineSummary(
+        step=step, schedule=schedule, stages=len(rows), microbatches=m, step_time_s=span_s,
+        busy={r: (b / span_s if span_s > 0 else 0.0) for r, b in busy.items()},
+        measured_bubble=idle_fraction(events), theoretical_bubble=bubble(len(rows), m), tp=tp, dp=dp,
+    )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def write_timeline(events: Sequence[Event], run_dir: Path, step: int, bubble: Callable[[int, int], float],
+                   schedule: str, tp: int, dp: int) -> str:
+    """RUN_DIR/timeline.json and timeline.png (when matplotlib is there) with the figures;
+    returns the one line a user is told: the files, the step, measured vs theoretical bubble."""
+    summary = summarize(events, step, bubble, schedule, tp, dp)
+    files = [str(write_chrome_trace(events, Path(run_dir) / "timeline.json", summary))]
+    note = ""
+    try:
+        files.append(str(plot_gantt(events, Path(run_dir) / "timeline.png", summary=summary)))
+    except UserError as err:  # matplotlib missing: the trace alone
+        note = f" ({err})"
+    return (f"pipeline timeline of step {summary.step}: {', '.join(files)}; {_duration(summary.step_time_s)}, "
+            f"bubble {summary.measured_bubble:.1%} measured vs {summary.theoretical_bubble:.1%} theoretical "
+            f"((p-1)/(m+p-1), p={summary.stages}, m={summary.microbatches}){note}")
+
+
+def chrome_trace(events: Iterable[Event], summary: TimelineSummary | None = None) -> dict:
+    """The Chrome trace-event format: one process per stage, one thread per rank; the
+    summary's figures go in `otherData`, which chrome://tracing shows as the metadata."""
     events = list(events)
     out: list[dict] = []
     for stage in sorted({e.stage for e in events}):
@@ -154,25 +269,62 @@ def chrome_trace(events: Iterable[Event]) -> dict:
                 "args": {"microbatch": e.mb} if e.mb >= 0 else {},
             }
         )
-    return {"traceEvents": out, "displayTimeUnit": "ms"}
+    trace: dict = {"traceEvents": out, "displayTimeUnit": "ms"}
+    if summary is not None:
+        trace["otherData"] = summary.as_dict()
+    return trace
 
 
-def write_chrome_trace(events: Iterable[Event], path: str | Path) -> Path:
+def write_chrome_trace(events: Iterable[Event], path: str | Path, summary: TimelineSummary | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(chrome_trace(events)))
+    path.write_text(json.dumps(chrome_trace(events, summary)))
     return path
 
 
 _COLOURS = {"forward": "#4c72b0", "backward": "#55a868", "transfer": "#c0c0c0"}
 
 
-def plot_gantt(events: Iterable[Event], path: str | Path, title: str | None = None) -> Path:
+def plot_gantt(events: Iterable[Event], path: str | Path, title: str | None = None,
+               summary: TimelineSummary | None = None) -> Path:
     """A PNG of stages (rows, stage 0 on top) against time; compute bars carry their
     microbatch number, transfers are thin grey bars underneath, white space is the bubble.
 
-    Ranks of one stage (tp, dp) share its row: they run the same schedule in lockstep.
+    Ranks of one stage (tp, dp) share its row: only the lowest rank is drawn (a
+    `summary` names them in a subtitle). With a summary the title carries the step, its
+    time and the measured vs theoretical bubble, and each row its rank's busy share.
     """
+    plt = _pyplot()
+    events = list(events)
+    if not events:
+        raise UserError("the timeline has no events to draw; record a step with the timeline switched on")
+    rows = drawn_ranks(events)
+    stages = list(rows)
+    unit, scale = ("ms", 1e3) if max(e.end for e in events) < 10 else ("s", 1.0)
+    fig, ax = plt.subplots(figsize=(12, 0.7 * len(stages) + 1.8))
+    drawn = [e for e in events if e.rank == rows[e.stage]]
+    _bars(ax, drawn, stages, scale)
+    labels = [f"stage {s}" for s in stages]
+    if summary is not None:
+        labels = [f"stage {s} (rank {r})\nbusy {summary.busy.get(r, 0.0):.0%}" for s, r in rows.items()]
+    ax.set_yticks(stages, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time ({unit})")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLOURS.values()]
+    ax.legend(handles, list(_COLOURS), loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7)
+    heading = title or (summary.title() if summary else f"pipeline timeline (idle {idle_fraction(events):.0%})")
+    sub = summary.subtitle() if summary is not None else None
+    ax.set_title(heading + (f"\n{sub}" if sub else ""), fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pyplot():  # noqa: ANN202 - the module is optional, so no annotation can name it
+    """matplotlib.pyplot on the file-only Agg backend, imported only when a chart is drawn."""
     try:
         import matplotlib
 
@@ -180,18 +332,11 @@ def plot_gantt(events: Iterable[Event], path: str | Path, title: str | None = No
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise UserError("drawing the pipeline timeline needs matplotlib; install it with pip install 'trident[plot]'") from err
+    return plt
 
-    events = list(events)
-    stages = sorted({e.stage for e in events})
-    if not events:
-        raise UserError("the timeline has no events to draw; record a step with the timeline switched on")
-    unit, scale = ("ms", 1e3) if max(e.end for e in events) < 10 else ("s", 1.0)
-    fig, ax = plt.subplots(figsize=(12, 0.7 * len(stages) + 1.5))
-    # one rank per stage is drawn: tp/dp replicas run the same schedule and would overprint
-    first_rank: dict[int, int] = {}
-    for e in events:
-        first_rank[e.stage] = min(first_rank.get(e.stage, e.rank), e.rank)
-    drawn = [e for e in events if e.rank == first_rank[e.stage]]
+
+def _bars(ax: object, drawn: list[Event], stages: list[int], scale: float) -> None:
+    """Compute bars (with microbatch numbers while readable) and thin transfer bars."""
     for cat, colour in _COLOURS.items():
         for stage in stages:
             spans = [(e.start * scale, e.duration * scale) for e in drawn if e.stage == stage and e.cat == cat]
@@ -206,15 +351,3 @@ def plot_gantt(events: Iterable[Event], path: str | Path, title: str | None = No
             if e.mb >= 0 and e.cat != "transfer":
                 ax.text((e.start + e.duration / 2) * scale, e.stage, str(e.mb), ha="center", va="center",
                         fontsize=6, color="white")
-    ax.set_yticks(stages, [f"stage {s}" for s in stages])
-    ax.invert_yaxis()
-    ax.set_xlabel(f"time ({unit})")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLOURS.values()]
-    ax.legend(handles, list(_COLOURS), loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7)
-    ax.set_title(title or f"pipeline timeline (idle {idle_fraction(events):.0%})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
