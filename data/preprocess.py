@@ -1,27 +1,36 @@
 """Corpus files -> one Megatron-compatible ``PREFIX.bin`` / ``PREFIX.idx`` pair.
 
-The main process reads raw records (cheap) and groups them into chunks of about a
-megabyte; workers parse JSON and tokenise a whole chunk with the tokenizer's batch path;
-the main process writes the results in chunk order. Chunk boundaries depend only on the
+The main process reads raw records (cheap) and groups them into chunks of about 256 KB;
+an executor parses JSON and tokenises whole chunks with the tokenizer's batch path; the
+main process writes the results in chunk order. Chunk boundaries depend only on the
 input, and results are written in submission order, so the output is byte-identical for
-any worker count. At most ``2 x workers`` chunks are in flight, so memory stays flat
+any worker count. At most ``4 x executors`` chunks are in flight, so memory stays flat
 whatever the corpus size.
 
-Tokenisation is the ceiling (DESIGN.md: ~5 MB/s per thread), so the main process does
-little besides reading bytes and writing arrays. With one worker everything runs in
-process and sentencepiece uses its own thread pool over each chunk instead.
+Tokenisation is the ceiling (DESIGN.md: ~5 MB/s per thread), so everything else overlaps
+with it. With one worker the executor is a pool of one thread per core in this process
+(the tokenizers release the GIL), each encoding its own chunk single-threaded: one batch
+call per chunk on the tokenizer's own thread pool would wait for the chunk's longest
+document at every chunk boundary, and parsing would not overlap encoding. With N > 1
+workers the executor is N spawned processes, all reaped (resource tracker included)
+before ``preprocess`` returns, on errors and Ctrl-C too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
+import multiprocessing as mp
 import os
 import signal
 import sys
 import time
 from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import resource_tracker
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,7 +39,8 @@ from trident.data.sources import BadRecord, Record, expand_inputs, iter_records,
 from trident.data.tokenizer import load_tokenizer
 from trident.errors import UserError
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18  # small enough that idle threads find work, large enough to amortise a call
+IN_FLIGHT_PER_EXECUTOR = 4
 CHUNK_RECORDS = 4096
 
 
@@ -120,7 +130,7 @@ class _Encoder:
             ends = np.cumsum(per_doc) - 1
             for i in ends:
                 ids[i].append(self.tokenizer.eod_id)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
         total = int(lengths.sum(dtype=np.int64))
         if total:
             tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)  # [total]
@@ -162,6 +172,101 @@ def iter_chunks(records: Iterator[Record], chunk_bytes: int = CHUNK_BYTES) -> It
         yield chunk
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a cpuset or taskset can be fewer than the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _executor(workers: int, encoder: _Encoder, encoder_args: tuple) -> Iterator[tuple[Executor, Callable]]:
+    """The executor that encodes chunks, and the function it runs; shut down and joined on exit.
+
+    Exiting (normally, on an error or on Ctrl-C) cancels queued chunks, waits for running
+    ones (< 1 chunk each) and joins every thread or process, so nothing outlives the call.
+    """
+    if workers == 1:
+        pool: Executor = ThreadPoolExecutor(usable_cores(), thread_name_prefix="preprocess")
+        try:
+            yield pool, encoder.encode_chunk
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return
+    # spawn: the parent may hold threads (tqdm, torch) that fork would copy mid-lock.
+    # An executor (not mp.Pool) fails with BrokenProcessPool if a worker dies,
+    # where a Pool would respawn it forever and hang.
+    tracker_was_running = _resource_tracker_pid() is not None
+    pool = ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=encoder_args
+    )
+    try:
+        yield pool, _encode_in_worker
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        del pool
+        if not tracker_was_running:
+            _stop_resource_tracker()
+
+
+def _resource_tracker_pid() -> int | None:
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
+def _stop_resource_tracker() -> None:
+    """Stop and reap the resource tracker that spawning the workers started.
+
+    Spawn starts a tracker process that multiprocessing never waits for: it outlives the
+    caller and, once its parent has exited, stays a zombie under an init that does not
+    reap (containers, microVMs). Our semaphores must be freed first (gc: the executor's
+    queues sit in reference cycles), or the tracker would report them as leaked.
+    """
+    gc.collect()
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        stop()
+
+
+def _run_chunks(chunks: Iterator[list[Record]], pool: Executor, encode: Callable, window: int,
+                consume: Callable[[ChunkResult], None]) -> None:
+    """Encode ``chunks`` on ``pool`` with at most ``window`` in flight; consume results in order."""
+    pending: deque[Future] = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(encode, chunk))
+        if len(pending) >= window:
+            consume(pending.popleft().result())
+    while pending:
+        consume(pending.popleft().result())
+
+
+class _Consumer:
+    """Writes chunk results in order, counts them and advances the progress bar."""
+
+    def __init__(self, writer: IndexedDatasetWriter, stats: PreprocessStats, skip_bad_lines: bool,
+                 bar: object | None, start: float) -> None:
+        self.writer, self.stats, self.skip_bad_lines, self.bar, self.start = writer, stats, skip_bad_lines, bar, start
+
+    def __call__(self, result: ChunkResult) -> None:
+        stats = self.stats
+        if result.bad_lines:
+            stats.bad_lines += len(result.bad_lines)
+            if not self.skip_bad_lines:
+                path, line, reason = result.bad_lines[0]
+                raise UserError(f"{path}:{line}: {reason}; pass --skip-bad-lines to skip and count such lines.")
+        self.writer.add_documents(result.tokens, result.sequence_lengths, result.sequences_per_document)
+        stats.documents += len(result.sequences_per_document)
+        stats.sequences += len(result.sequence_lengths)
+        stats.tokens += int(result.tokens.size)
+        stats.text_bytes += result.text_bytes
+        stats.empty_documents += result.empty_documents
+        if self.bar is not None:
+            secs = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(  # type: ignore[attr-defined]
+                f"{stats.documents / secs:.0f} docs/s, {stats.text_bytes / secs / 1e6:.2f} MB/s text", refresh=False
+            )
+            self.bar.update(result.input_bytes)  # type: ignore[attr-defined]
+
+
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
@@ -182,8 +287,9 @@ def preprocess(
     prefix = split_prefix(output_prefix)
     total_bytes = sum(os.path.getsize(p) for p in files if os.path.isfile(p))
     encoder_args = (tokenizer, json_key, append_eod, skip_bad_lines, 1, eod_token)
-    # Validate the tokenizer (and --append-eod against it) here, before any process starts.
-    local = _Encoder(tokenizer, json_key, append_eod, skip_bad_lines, os.cpu_count() or 1, eod_token)
+    # Validate the tokenizer (and --append-eod against it) here, before any process starts;
+    # one thread per chunk: the in-process pool supplies the parallelism.
+    local = _Encoder(*encoder_args)  # type: ignore[arg-type]
     stats = PreprocessStats(output_prefix=prefix, workers=workers)
     bar = None
     if progress:
@@ -191,55 +297,13 @@ def preprocess(
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, smoothing=0.1)
     start = time.perf_counter()
-    pool = None
     chunks = iter_chunks(iter_records(files, text_per_line=text_per_line), chunk_bytes)
     try:
-        with IndexedDatasetWriter(prefix, local.dtype) as writer:
-
-            def consume(result: ChunkResult) -> None:
-                if result.bad_lines:
-                    stats.bad_lines += len(result.bad_lines)
-                    if not skip_bad_lines:
-                        path, line, reason = result.bad_lines[0]
-                        raise UserError(f"{path}:{line}: {reason}; pass --skip-bad-lines to skip and count such lines.")
-                writer.add_documents(result.tokens, result.sequence_lengths, result.sequences_per_document)
-                stats.documents += len(result.sequences_per_document)
-                stats.sequences += len(result.sequence_lengths)
-                stats.tokens += int(result.tokens.size)
-                stats.text_bytes += result.text_bytes
-                stats.empty_documents += result.empty_documents
-                if bar is not None:
-                    secs = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(
-                        f"{stats.documents / secs:.0f} docs/s, {stats.text_bytes / secs / 1e6:.2f} MB/s text",
-                        refresh=False,
-                    )
-                    bar.update(result.input_bytes)
-
-            if workers == 1:
-                for chunk in chunks:
-                    consume(local.encode_chunk(chunk))
-            else:
-                import multiprocessing as mp
-                from concurrent.futures import ProcessPoolExecutor
-
-                # spawn: the parent may hold threads (tqdm, torch) that fork would copy mid-lock.
-                # An executor (not mp.Pool) fails with BrokenProcessPool if a worker dies,
-                # where a Pool would respawn it forever and hang.
-                pool = ProcessPoolExecutor(
-                    workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=encoder_args
-                )
-                pending: deque = deque()
-                for chunk in chunks:
-                    pending.append(pool.submit(_encode_in_worker, chunk))
-                    if len(pending) >= 2 * workers:
-                        consume(pending.popleft().result())
-                while pending:
-                    consume(pending.popleft().result())
+        with IndexedDatasetWriter(prefix, local.dtype) as writer, _executor(workers, local, encoder_args) as (pool, fn):
+            consume = _Consumer(writer, stats, skip_bad_lines, bar, start)
+            window = IN_FLIGHT_PER_EXECUTOR * (workers if workers > 1 else usable_cores())
+            _run_chunks(chunks, pool, fn, window, consume)
     finally:
-        if pool is not None:
-            # On an error or Ctrl-C, queued chunks are cancelled; running ones finish (< 1 chunk).
-            pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - start

@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-prefix", required=True, help="write PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", metavar="MODEL", help="a sentencepiece .model or a Hugging Face tokenizer.json")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text (a string or a list of strings)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="tokenizer processes (default 1: a thread per core, in process)"
+    )
     parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
     parser.add_argument("--text-per-line", action="store_true", help="in plain-text files, each line is a document")
