@@ -137,3 +137,35 @@ def test_microbatch_accumulation_and_state_round_trip_at_dp1():
         assert torch.equal(p, q), name
     for a, b in zip(opt.exp_avg_sq + opt.exp_avg, opt2.exp_avg_sq + opt2.exp_avg):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deferred_gradients_accumulate_in_fp32(dtype):
+    """A tp-partial or pipeline-tied parameter's gradient accumulates over microbatches in
+    fp32 like any other: 1 + 2^-10 survives in bf16 (whose step at 1 is 2^-7), and 6e4 +
+    6e4 does not overflow fp16 (max 65504) before the reduction."""
+    from trident.parallel.pipeline.executor import finalize_grads
+    from trident.parallel.tensor.sharding import mark_pipeline_tied, reduction_grad
+    from trident.parallel.zero.grad_buffer import GradBuffer
+
+    topo = Topology.single()
+    plain = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    tied = mark_pipeline_tied(torch.nn.Parameter(torch.zeros(4, dtype=dtype)), duplicate=False)
+    model = torch.nn.ParameterList([plain, tied])
+    buf = GradBuffer(model, topo, zero=1)
+    buf.zero_grad()
+    scales = [1.0, 2.0**-10] if dtype == torch.bfloat16 else [6e4, 6e4]
+    for mb, scale in enumerate(scales):
+        buf.before_backward(mb, is_last=mb == len(scales) - 1)
+        ones = torch.ones(4, dtype=dtype)
+        ((plain * ones).sum() * scale + (tied * ones).sum() * scale).backward()
+    assert reduction_grad(tied).dtype == torch.float32 and tied.grad is None
+    finalize_grads(model, topo)
+    buf.finish_grad_sync()
+    grads = {}
+    for b in buf.buckets:
+        for slot in b.slots:
+            grads[id(slot.param)] = b.main_grad[slot.start : slot.start + slot.numel]
+    want = torch.full((4,), sum(scales), dtype=torch.float32)
+    assert torch.equal(grads[id(plain)], want) and torch.equal(grads[id(tied)], want)
+    assert not hasattr(tied, "main_grad")  # released with the buffer's step

@@ -33,7 +33,8 @@ and the tied input/output embedding over the embedding group (first + last stage
 overlapped dp reduction may therefore start on any parameter during the last backward
 EXCEPT those flagged ``tp_partial_grad`` or ``pipeline_tied``: reduce those in
 ``grad_sync``, after finalisation (sums commute, but a reduce-scatter must see the whole
-finalised gradient of a tensor).
+finalised gradient of a tensor). It sums each parameter's `reduction_grad`: the fp32
+``main_grad`` a gradient buffer keeps, else ``.grad``.
 
 Tied embeddings. The last stage (when it is not also the first) holds its own copy of
 ``embedding.weight`` under the same global name; the model flags both copies
@@ -69,7 +70,7 @@ from trident.parallel.pipeline.schedule import forward_only as forward_only_step
 from trident.parallel.pipeline.schedule import peak_in_flight, plan, schedule_steps
 from trident.parallel.pipeline.timeline import Timeline, span
 from trident.parallel.tensor.layers import sync_tp_partial_grads
-from trident.parallel.tensor.sharding import is_pipeline_tied
+from trident.parallel.tensor.sharding import is_pipeline_tied, reduction_grad
 from trident.parallel.topology import Topology
 
 Microbatch = Mapping[str, torch.Tensor]
@@ -83,9 +84,9 @@ def finalize_grads(model: nn.Module, topo: Topology) -> None:
         return
     tied = [p for p in model.parameters() if is_pipeline_tied(p)]
     for p in tied:
-        if p.grad is None:
+        if reduction_grad(p) is None:
             p.grad = torch.zeros_like(p)
-    all_reduce_coalesced([p.grad for p in tied], topo.embedding_group)
+    all_reduce_coalesced([reduction_grad(p) for p in tied], topo.embedding_group)
 
 
 # --- the executor ---------------------------------------------------------------------------

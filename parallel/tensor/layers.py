@@ -27,7 +27,7 @@ from trident.parallel.tensor.mappings import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
-from trident.parallel.tensor.sharding import Piece, is_tp_partial, mark_tp_partial_grad, set_pieces
+from trident.parallel.tensor.sharding import Piece, is_tp_partial, mark_tp_partial_grad, reduction_grad, set_pieces
 from trident.parallel.topology import Topology
 
 
@@ -53,7 +53,8 @@ def sync_tp_partial_grads(module: nn.Module, topo: Topology) -> None:
     """
     if topo.tp == 1:
         return
-    all_reduce_coalesced([p.grad for p in module.parameters() if is_tp_partial(p) and p.grad is not None], topo.tp_group)
+    grads = [reduction_grad(p) for p in module.parameters() if is_tp_partial(p)]
+    all_reduce_coalesced([g for g in grads if g is not None], topo.tp_group)
 
 
 class _SumReplicaGrads(torch.autograd.Function):

@@ -44,6 +44,10 @@ PIPELINE_TIED = "pipeline_tied"
 their gradients are summed over the embedding group once per step."""
 PIPELINE_DUPLICATE = "pipeline_duplicate"
 """The last stage's copy of a tied embedding: counted nowhere (norm, checkpoint, counts)."""
+MAIN_GRAD = "main_grad"
+"""Set by a gradient buffer on the two kinds above: the fp32 view of the buffer their
+gradients accumulate in (Megatron's ``main_grad``), which finalisation sums in place, so
+a bf16/fp16 model never rounds (or overflows) a deferred gradient to the compute dtype."""
 
 
 def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
@@ -68,6 +72,21 @@ def is_pipeline_tied(param: nn.Parameter) -> bool:
 
 def is_pipeline_duplicate(param: nn.Parameter) -> bool:
     return getattr(param, PIPELINE_DUPLICATE, False)
+
+
+def set_main_grad(param: nn.Parameter, grad: torch.Tensor | None) -> None:
+    """Point `MAIN_GRAD` at `grad` (fp32, param-shaped), or remove it (None)."""
+    if grad is None:
+        param.__dict__.pop(MAIN_GRAD, None)
+    else:
+        setattr(param, MAIN_GRAD, grad)
+
+
+def reduction_grad(param: nn.Parameter) -> torch.Tensor | None:
+    """The gradient finalisation sums in place: the fp32 `MAIN_GRAD` when a gradient buffer
+    keeps one, else ``param.grad``."""
+    main = getattr(param, MAIN_GRAD, None)
+    return main if main is not None else param.grad
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,12 @@ Deferred parameters. Two kinds of gradient are partial sums that the pipeline's
 `finalize_grads` completes on ``param.grad`` after the last backward and before
 ``grad_sync``: tensor-parallel partial gradients (sequence-parallel norms, QK-norm) and
 the two copies of a pipeline-split tied embedding. Those parameters live in their own
-trailing buckets, keep their gradient in ``param.grad`` during the last backward, and are
-copied in and reduced by `finish_grad_sync` after finalisation (a reduce-scatter must
-see the whole, finalised gradient of a tensor).
+trailing buckets and accumulate in fp32 like every other gradient; the buffer points
+their ``main_grad`` (`trident.parallel.tensor.sharding.MAIN_GRAD`) at their fp32 slice,
+finalisation sums that in place, and `finish_grad_sync` reduces their buckets after it
+(a reduce-scatter must see the whole, finalised gradient of a tensor). Before, they went
+back to the compute dtype for the last backward and the sums: a bf16 model rounded them,
+an fp16 one could overflow.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from torch import nn
 
 from trident.errors import UserError
 from trident.parallel.collectives import all_gather_single, group_device, reduce_scatter_single
-from trident.parallel.tensor.sharding import is_pipeline_tied, is_tp_partial
+from trident.parallel.tensor.sharding import is_pipeline_tied, is_tp_partial, set_main_grad
 from trident.parallel.topology import Topology
 
 ALIGN = 16  # elements; each rank's shard of a bucket starts on a 64-byte boundary
@@ -140,7 +143,6 @@ class GradBuffer:
         self._check_same_layout()
 
         self._armed = True  # is the coming backward the last one of the step?
-        self._accumulated = False  # did a non-last backward put gradients in the buffers?
         self._next_launch = 0
         self._synced = False
         self._hooks = [
@@ -195,34 +197,14 @@ class GradBuffer:
         """Called before each microbatch's backward (the pipeline executor's hook).
 
         Only the last backward of a step launches reductions; earlier ones accumulate.
-        Deferred parameters get their accumulated fp32 gradient back in ``param.grad`` so
-        that the last backward adds to it and `finalize_grads` sums the whole of it.
         """
         self._armed = is_last
-        if not is_last:
-            self._accumulated = True
-            return
-        if not self._accumulated:
-            return
-        for b in self.buckets:
-            if not b.deferred or b.grad_data is None:
-                continue
-            for slot in b.slots:
-                view = b.grad_data[slot.start : slot.start + slot.numel]
-                g = view.to(slot.param.dtype).view_as(slot.param)
-                if slot.param.grad is None:
-                    slot.param.grad = g.clone() if g.data_ptr() == view.data_ptr() else g
-                else:
-                    slot.param.grad.add_(g)
-                view.zero_()
 
     def _make_hook(self, slot: Slot) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
             b = self.buckets[slot.bucket]
-            if self._armed and slot.deferred:
-                return  # finalize_grads sums it in param.grad; finish_grad_sync takes it
             if b.launched or self._synced:
                 raise RuntimeError(
                     f"a gradient for {slot.name} arrived after its bucket's dp reduction was launched: "
@@ -232,7 +214,9 @@ class GradBuffer:
             grad = self._grad_data(b)
             grad[slot.start : slot.start + slot.numel].add_(param.grad.reshape(-1))
             param.grad = None
-            if self._armed:
+            if slot.deferred:  # finalize_grads sums it there, in fp32; start_grad_sync launches it
+                set_main_grad(param, grad[slot.start : slot.start + slot.numel].view_as(param))
+            elif self._armed:
                 if slot.start in b.ready:
                     raise RuntimeError(f"{slot.name} received two gradients in the last backward of a step")
                 b.ready.add(slot.start)
@@ -276,7 +260,8 @@ class GradBuffer:
             if b.deferred:
                 for slot in b.slots:
                     p = slot.param
-                    if p.grad is not None:
+                    set_main_grad(p, None)  # a view of a buffer zero 2 frees after the reduction
+                    if p.grad is not None:  # e.g. a tied copy that received no gradient: zeros
                         self._grad_data(b)[slot.start : slot.start + slot.numel].add_(p.grad.reshape(-1))
                         p.grad = None
         for b in self.buckets[self._next_launch :]:
@@ -323,7 +308,8 @@ class GradBuffer:
             b.launched = False
             for slot in b.slots:
                 slot.param.grad = None
-        self._armed, self._accumulated, self._synced, self._next_launch = True, False, False, 0
+                set_main_grad(slot.param, None)
+        self._armed, self._synced, self._next_launch = True, False, 0
 
     # --- parameters ----------------------------------------------------------------------------
     def gather_params(self, shards: list[torch.Tensor]) -> None:
