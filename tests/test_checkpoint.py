@@ -19,7 +19,7 @@ import pytest
 
 from cli_helpers import CONFIG, TINY, losses, trident
 
-STEPS = ["train.steps=8", "eval.interval=0"]
+STEPS = ["train.steps=8", "eval.interval=2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,13 @@ def test_resume_is_bitwise_identical(data_dir, uninterrupted, tmp_path):
     trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), "--resume", *TINY, *STEPS, f"data.work_dir={data_dir}")
     assert first + losses(tmp_path)[4:] == losses(uninterrupted)  # exact float equality, data order included
     assert len(losses(tmp_path)) == 8
+    # every evaluation reads the same validation samples, so a resumed run's val_loss is the uninterrupted one's
+    assert _val_losses(tmp_path) == _val_losses(uninterrupted) and len(_val_losses(tmp_path)) == 4
+
+
+def _val_losses(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
 def _layout_args(tp: int, pp: int, dp: int, zero: int) -> list[str]:

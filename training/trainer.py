@@ -241,11 +241,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean per-token loss over `eval.iters` global batches of the validation split."""
+        """Mean per-token loss over the first `eval.iters` global batches of the validation split."""
         if self.data.valid is None:
             return None
         self.model.eval()
         total, tokens = 0.0, 0.0
+        self.data.valid.load_state_dict({"consumed_samples": 0})  # the same samples every time, resumed or not
         it = iter(self.data.valid)
         for _ in range(max(1, self.cfg.eval.iters)):
             micros = _prepare(next(it), self.cfg)
