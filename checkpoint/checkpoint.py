@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,6 +68,8 @@ from trident.checkpoint.store import (
     step_of,
     verify,
 )
+from trident.errors import UserError
+from trident.parallel.collectives import any_rank
 from trident.parallel.random import RNGStreams
 from trident.parallel.tensor.sharding import iter_pieces, tp_replicas
 from trident.parallel.topology import Topology
@@ -136,8 +138,17 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(topo)
-    _write_json_atomic(tmp / f"manifest_rank{topo.rank}.json", _write_rank_files(tmp, topo, model, optimizer, rng))
-    _barrier(topo)
+    failure = None
+    try:
+        _write_json_atomic(tmp / f"manifest_rank{topo.rank}.json", _write_rank_files(tmp, topo, model, optimizer, rng))
+    except (OSError, SafetensorError) as err:  # a full disk, a quota, a vanished mount: a sentence
+        failure = _write_failure(err, tmp, topo, step, _state_bytes(model, optimizer))
+    if any_rank(failure is not None, topo):  # every rank learns of it (none waits in a barrier)
+        if topo.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays; `latest` is untouched
+        _barrier(topo)
+        raise UserError(failure or f"saving checkpoint {final.name} failed on another rank (its message names "
+                        f"the file); {tmp} was removed and the previous checkpoint stays the latest")
     if topo.rank == 0:
         layout = Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, world=topo.world, zero=optimizer.cfg.zero)
         files = _collect_manifests(tmp, topo.world)
@@ -152,6 +163,28 @@ def save_checkpoint(
         _prune(root, keep)
     _barrier(topo)
     return final
+
+
+def _state_bytes(model: nn.Module, optimizer: Any) -> int:
+    """About what one rank writes: its parameters and its optimizer state."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return params + (optimizer.memory().get("optimizer_bytes", 0) if hasattr(optimizer, "memory") else 0)
+
+
+def _write_failure(err: Exception, tmp: Path, topo: Topology, step: int, need: int) -> str:
+    """One sentence: which rank, which file, why, and the space there against what this
+    rank writes."""
+    def size(n: float) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    try:
+        free = f"; {size(shutil.disk_usage(tmp.parent).free)} free there"
+    except OSError:
+        free = ""
+    what = f"{err.strerror} writing {err.filename or tmp}" if isinstance(err, OSError) else f"{err} in {tmp}"
+    return (f"saving checkpoint step {step} failed on rank {topo.rank}: {what}{free}, and this rank writes about "
+            f"{size(need)} (parameters + optimizer state); {tmp} was removed and the previous checkpoint "
+            f"stays the latest")
 
 
 def _write_rank_files(

@@ -115,3 +115,64 @@ def test_a_save_interrupted_between_ranks_leaves_latest_on_the_previous_checkpoi
     assert set(ckpt.read_state(found).files) == {
         "model_pp0_tp0.safetensors", "optim_rank0.safetensors", "optim_rank1.safetensors",
         "rng_rank0.safetensors", "rng_rank1.safetensors"}
+
+
+def _full_disk(rank_to_fail: int):
+    """save_file that raises ENOSPC for the optimizer file on `rank_to_fail` (as a full disk would)."""
+    import errno
+
+    import torch.distributed as dist
+
+    real = ckpt.save_file
+
+    def save_file(tensors, path, metadata=None):
+        me = dist.get_rank() if dist.is_initialized() else 0
+        if me == rank_to_fail and "optim_rank" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, metadata=metadata)
+
+    return save_file
+
+
+def test_a_full_disk_gives_one_sentence_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from trident.errors import UserError
+
+    topo, model, opt = _parts()
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
+    monkeypatch.setattr(ckpt, "save_file", _full_disk(0))
+    words = r"saving checkpoint step 2 failed on rank 0: No space left on device writing \S+optim_rank0.safetensors; " \
+            r"[0-9.]+ [GM]B free there, and this rank writes about [0-9.]+ [GM]B .*step_0000002.tmp was removed"
+    with pytest.raises(UserError, match=words):
+        ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001"]
+    assert json.loads((root / ckpt.LATEST).read_text())["step"] == 1
+
+
+def _save_with_a_full_disk_on_rank1(root: str) -> list[str]:
+    from trident.errors import UserError
+    from trident.parallel.topology import Topology as T
+
+    topo = T.from_initialized(tp=1, pp=1, dp=2)
+    model = build_stage(PRESETS["tiny"], topo)
+    model.init_weights(0)
+    opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=1))
+    ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
+    real = ckpt.save_file
+    ckpt.save_file = _full_disk(1)
+    try:
+        ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
+    except UserError as err:
+        return [str(err)]
+    finally:
+        ckpt.save_file = real
+    return []
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_without_a_hang(dist_pool, tmp_path):
+    root = tmp_path / "checkpoints"
+    rank0, rank1 = dist_pool.run(2, "test_checkpoint_atomicity:_save_with_a_full_disk_on_rank1", timeout=60,
+                                 root=str(root))
+    assert len(rank1) == 1 and "failed on rank 1: No space left on device" in rank1[0]
+    assert len(rank0) == 1 and "failed on another rank" in rank0[0]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001"]
