@@ -140,6 +140,13 @@ class GPT(nn.Module):
 
     `recompute` (none | selective | full, see `RECOMPUTE`) applies in training mode with
     gradients on; evaluation and decoding with a KV cache never recompute.
+
+    Virtual stages (the interleaved pipeline schedule): `chunks` lists the layer ranges of
+    this rank's chunks (not contiguous: chunk c of rank r is virtual stage c·pp + r), and
+    ``forward(..., chunk=c)`` runs one of them. All the rank's layers live in one module
+    under their global indices, so parameter names, checkpoints and the optimizer do not
+    know about chunks; the embedding belongs to chunk 0 of the first rank, the final norm,
+    head and loss to the last chunk of the last rank.
     """
 
     def __init__(
@@ -154,6 +161,7 @@ class GPT(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         recompute: str = "none",
+        chunks: list[range] | None = None,
     ) -> None:
         super().__init__()
         cfg.check_tp(topo.tp)
@@ -162,6 +170,8 @@ class GPT(nn.Module):
         self.recompute = recompute
         self.cfg, self.topo, self.rng = cfg, topo, rng
         self.layer_range = layers if layers is not None else range(cfg.n_layers)
+        self.chunks = list(chunks) if chunks is not None else [self.layer_range]
+        self.vpp = len(self.chunks)
         self.first_stage, self.last_stage = first_stage, last_stage
         self.sp = sequence_parallel and topo.tp > 1
         device = device if device is not None else topo.device
@@ -184,7 +194,8 @@ class GPT(nn.Module):
                 mark_tp_partial_grad(self.pos_embedding)
         self.emb_dropout = _HiddenDropout(cfg.dropout, rng, self.sp)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, topo, i, self.sp, rng, device, dtype, recompute) for i in self.layer_range}
+            {str(i): TransformerBlock(cfg, topo, i, self.sp, rng, device, dtype, recompute)
+             for chunk in self.chunks for i in chunk}
         )
         if last_stage:
             self.final_norm = make_norm(cfg, cfg.hidden, self.sp, **kw)
@@ -252,7 +263,9 @@ class GPT(nn.Module):
             sin = self.rope_sin[positions].unsqueeze(1)
         return AttentionInputs(cos=cos, sin=sin, mask=mask, start_pos=start_pos), positions
 
-    def _check_inputs(self, inputs: torch.Tensor, seq: int, start_pos: int, cache: KVCache | None) -> None:
+    def _check_inputs(
+        self, inputs: torch.Tensor, seq: int, start_pos: int, cache: KVCache | None, first: bool
+    ) -> None:
         limit = self.cfg.max_seq_len
         if start_pos + seq > limit and self.cfg.position in ("learned", "rope"):
             raise UserError(f"sequence of {start_pos + seq} tokens is longer than model.max_seq_len={limit}")
@@ -262,7 +275,7 @@ class GPT(nn.Module):
             raise UserError("a KV cache (incremental decoding) cannot be used with sequence parallelism")
         if self.sp and seq % self.topo.tp != 0:
             raise UserError(f"sequence length {seq} is not divisible by tp={self.topo.tp} (sequence parallelism)")
-        if self.first_stage:
+        if first:
             if inputs.dtype not in (torch.int32, torch.int64):
                 raise UserError(f"the first stage takes token ids, got a {inputs.dtype} tensor")
             # the value check reads the ids back: only where that costs no host-device sync
@@ -280,17 +293,20 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         label_smoothing: float = 0.0,
+        chunk: int = 0,
     ) -> torch.Tensor:
         # inputs: tokens [b, s] (first stage) or hidden [b, s(/tp), hidden]
         # labels, doc_ids: [b, s]
+        first = self.first_stage and chunk == 0
+        last = self.last_stage and chunk == self.vpp - 1
         b = inputs.shape[0]
-        seq = inputs.shape[1] * (self.topo.tp if (self.sp and not self.first_stage) else 1)
+        seq = inputs.shape[1] * (self.topo.tp if (self.sp and not first) else 1)
         start_pos = cache.length if cache is not None else 0
-        self._check_inputs(inputs, seq, start_pos, cache)
+        self._check_inputs(inputs, seq, start_pos, cache, first)
         dtype = next(self.parameters()).dtype
         att, positions = self.attention_inputs(b, seq, doc_ids, start_pos, inputs.device, dtype)
 
-        if self.first_stage:
+        if first:
             x = self.embedding(inputs)  # [b, s(/tp), hidden]
             if self.cfg.position == "learned":
                 pos = scatter_to_sp(positions, self.topo.tp_group) if self.sp else positions
@@ -298,11 +314,11 @@ class GPT(nn.Module):
             x = self.emb_dropout(x)
         else:
             x = inputs
-        for block in self.layers.values():
-            x = block(x, att, cache)  # [b, s(/tp), hidden]
+        for i in self.chunks[chunk]:
+            x = self.layers[str(i)](x, att, cache)  # [b, s(/tp), hidden]
         if cache is not None:
             cache.length = start_pos + seq
-        if not self.last_stage:
+        if not last:
             return x
         x = self.final_norm(x)
         head = self.output_layer
@@ -320,4 +336,4 @@ class GPT(nn.Module):
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         attn = next(iter(self.layers.values())).attn
         params = next(self.parameters())
-        return KVCache(list(self.layer_range), batch, max_len, attn.kv_heads, attn.head_dim, params.device, params.dtype)
+        return KVCache([i for chunk in self.chunks for i in chunk], batch, max_len, attn.kv_heads, attn.head_dim, params.device, params.dtype)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from trident.errors import UserError
 from trident.model.config import ModelConfig
 from trident.model.gpt import GPT
 from trident.parallel.pipeline.stages import stage_layers
@@ -29,18 +30,28 @@ def build_stage(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     recompute: str = "none",
+    vpp: int = 1,
 ) -> GPT:
     """This rank's stage of the model (uninitialised: call ``init_weights(seed)``).
 
-    `split` is an explicit number of layers per stage; by default layers are balanced.
+    `split` is an explicit number of layers per stage (per virtual stage, pp·vpp entries,
+    with `vpp` chunks per rank); by default layers are balanced. With vpp > 1, rank r
+    holds virtual stages r, r+pp, ..., r+(vpp-1)·pp (the interleaved schedule's placement).
     `recompute` is the activation recomputation mode (`trident.model.gpt.RECOMPUTE`).
     Bad splits raise the same `UserError` on every rank, before any transfer.
     """
-    ranges = stage_layers(cfg.n_layers, topo.pp, split)
+    if vpp > 1 and topo.pp * vpp > cfg.n_layers:
+        raise UserError(
+            f"pp={topo.pp} x vpp={vpp} = {topo.pp * vpp} virtual stages is more than model.n_layers={cfg.n_layers}; "
+            f"every virtual stage needs at least one layer"
+        )
+    ranges = stage_layers(cfg.n_layers, topo.pp * vpp, split)
+    chunks = [ranges[c * topo.pp + topo.pp_rank] for c in range(vpp)]
     return GPT(
         cfg,
         topo,
-        layers=ranges[topo.pp_rank],
+        layers=chunks[0] if vpp == 1 else None,
+        chunks=chunks,
         first_stage=topo.is_first_stage,
         last_stage=topo.is_last_stage,
         sequence_parallel=sequence_parallel,

@@ -114,7 +114,7 @@ class _TridentStep:
         opt.set_lr(self.schedule.current)
         result = run_pipeline(
             self.model, self.topo, self.micros, act_shape=self.act_shape, loss_divisor=self.divisor,
-            schedule=self.cfg.parallel.pp_schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
+            schedule=self.cfg.parallel.pp_schedule, vpp=self.cfg.parallel.vpp, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
             loss_scale=opt.loss_scale,
         )
         if opt.step().stepped:

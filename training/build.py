@@ -30,6 +30,7 @@ def build_model(cfg: Config, topo: Topology, rng: RNGStreams) -> GPT:
     model = build_stage(
         cfg.model, topo, split=p.pp_split, sequence_parallel=p.sequence_parallel, rng=rng,
         device=topo.device, dtype=parse_dtype(t.dtype), recompute=getattr(t, "recompute", "none"),
+        vpp=p.vpp,
     )
     model.init_weights(t.seed)
     if t.compile:

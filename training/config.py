@@ -26,6 +26,7 @@ from trident.errors import UserError
 from trident.model.config import ModelConfig
 from trident.model.gpt import RECOMPUTE
 from trident.parallel.pipeline.schedule import SCHEDULES as PIPELINE_SCHEDULES
+from trident.parallel.pipeline.schedule import check_layout
 from trident.parallel.topology import resolve_layout
 from trident.parallel.zero.mixed_precision import DTYPES as PRECISION_DTYPES
 from trident.parallel.zero.optimizer import OptimizerConfig
@@ -100,7 +101,9 @@ class ParallelSection:
     pp_split: list[int] | None = None
     """Layers per pipeline stage, e.g. [3, 4, 4, 3]; balanced when unset."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: 1f1b | gpipe."""
+    """Pipeline schedule: 1f1b | interleaved | zb-h1 | gpipe (README: which to pick)."""
+    vpp: int = 1
+    """Virtual stages (model chunks) per pipeline rank; the interleaved schedule needs >= 2."""
     timeout_s: float = 600.0
     """Collective timeout: a rank waiting longer than this fails instead of hanging."""
 
@@ -354,8 +357,15 @@ def derive(cfg: Config, world: int) -> Derived:
         )
     if p.sequence_parallel and cfg.data.seq_len % p.tp != 0:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is not divisible by tp={p.tp} (sequence parallelism)")
+    microbatches = cfg.train.global_batch_size // per_step
+    check_layout(p.pp_schedule, p.pp, microbatches, p.vpp)
+    if p.pp * p.vpp > cfg.model.n_layers:
+        raise UserError(
+            f"pp={p.pp} x parallel.vpp={p.vpp} = {p.pp * p.vpp} pipeline stages is more than "
+            f"model.n_layers={cfg.model.n_layers}; every stage needs at least one layer"
+        )
     return Derived(
         dp=layout.dp,
-        microbatches=cfg.train.global_batch_size // per_step,
+        microbatches=microbatches,
         tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
     )

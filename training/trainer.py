@@ -14,6 +14,7 @@ leave a peer waiting in a collective.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -26,13 +27,12 @@ import torch.distributed as dist
 
 from trident.checkpoint import checkpoint as ckpt
 from trident.errors import UserError
-from trident.parallel.collectives import all_reduce, any_rank, comm_device
+from trident.parallel.collectives import any_rank, comm_device
 from trident.parallel.pipeline.executor import run_pipeline
 from trident.parallel.pipeline.p2p import activation_shape
 from trident.parallel.pipeline.schedule import bubble_fraction
 from trident.parallel.pipeline.timeline import Timeline, gather_events, recorded_step, write_timeline
 from trident.parallel.random import RNGStreams
-from trident.parallel.topology import Topology
 from trident.parallel.zero.clip import NonFiniteGradientError
 from trident.parallel.zero.mixed_precision import parse_dtype
 from trident.training.build import build_model, build_optimizer, build_schedule
@@ -40,6 +40,7 @@ from trident.training.config import Config, derive
 from trident.training.data_setup import build_data
 from trident.training.memory import ActivationMeter, memory_record, rank_memory
 from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token, model_flops_utilization
+from trident.training.microbatches import loss_tokens, prepare_microbatches
 from trident.training.run_control import (
     NonFiniteLossError,
     StopSignal,
@@ -50,28 +51,6 @@ from trident.training.run_control import (
 from trident.training.summary import announce_run
 
 DEFAULT_RUN_DIR = Path("runs") / "trident"  # where a run writes when no --run-dir is given
-
-
-def _loss_tokens(micros: list[dict[str, torch.Tensor]], topo: Topology) -> float:
-    """Loss-bearing tokens of the whole global batch (every microbatch of every dp rank).
-
-    Without a loss mask every dp rank holds microbatches of the same shape, so the count is
-    known here with no collective (and no host-device synchronisation on a GPU)."""
-    if not any("loss_mask" in mb for mb in micros):
-        return float(sum(mb["labels"].numel() for mb in micros) * topo.dp)
-    local = sum(float(mb["loss_mask"].sum()) if "loss_mask" in mb else float(mb["labels"].numel()) for mb in micros)
-    t = torch.tensor([local], dtype=torch.float64, device=comm_device(topo))
-    all_reduce(t, topo.dp_group)
-    return float(t.item())
-
-
-def _prepare(micros: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str, torch.Tensor]]:
-    """Drop what the step does not need: document ids without document masking, and the
-    loss mask when nothing is masked (it is all ones: a multiply and a collective saved)."""
-    drop = ({"doc_ids"} if not cfg.data.doc_masking else set()) | ({"loss_mask"} if not cfg.data.mask_eod_loss else set())
-    if not drop:
-        return micros
-    return [{k: v for k, v in mb.items() if k not in drop} for mb in micros]
 
 
 class Trainer:
@@ -193,8 +172,8 @@ class Trainer:
         """One optimizer step; `measure` also meters its peak activation memory (for the
         steps that are logged: the meter's hooks cost time on every saved tensor)."""
         cfg, topo, opt = self.cfg, self.topo, self.optimizer
-        micros = _prepare(micros, cfg)
-        divisor = _loss_tokens(micros, topo)
+        micros = prepare_microbatches(micros, cfg)
+        divisor = loss_tokens(micros, topo)
         opt.zero_grad()
         opt.set_lr(self.schedule.current)
         meter = ActivationMeter(self.model) if measure else None
@@ -202,7 +181,8 @@ class Trainer:
         with meter if meter is not None else contextlib.nullcontext():
             result = run_pipeline(
                 self.model, topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
-                schedule=cfg.parallel.pp_schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward,
+                schedule=cfg.parallel.pp_schedule, vpp=cfg.parallel.vpp, grad_sync=opt.grad_sync,
+                before_backward=opt.before_backward,
                 label_smoothing=cfg.train.label_smoothing, loss_scale=opt.loss_scale, timeline=timeline,
             )
         if timeline is not None:
@@ -236,8 +216,9 @@ class Trainer:
         self.timeline_due = False
         events = gather_events(timeline)
         if self.is_logger:
-            self.log(write_timeline(events, self.run_dir, self.step + 1, bubble_fraction, self.cfg.parallel.pp_schedule,
-                                    self.topo.tp, self.topo.dp))
+            p = self.cfg.parallel
+            bubble = functools.partial(bubble_fraction, name=p.pp_schedule, vpp=p.vpp)
+            self.log(write_timeline(events, self.run_dir, self.step + 1, bubble, p.pp_schedule, self.topo.tp, self.topo.dp))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -249,10 +230,10 @@ class Trainer:
         self.data.valid.load_state_dict({"consumed_samples": 0})  # the same samples every time, resumed or not
         it = iter(self.data.valid)
         for _ in range(max(1, self.cfg.eval.iters)):
-            micros = _prepare(next(it), self.cfg)
-            divisor = _loss_tokens(micros, self.topo)
+            micros = prepare_microbatches(next(it), self.cfg)
+            divisor = loss_tokens(micros, self.topo)
             res = run_pipeline(self.model, self.topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
-                               forward_only=True)
+                               forward_only=True, schedule=self.cfg.parallel.pp_schedule, vpp=self.cfg.parallel.vpp)
             total += res.loss * divisor
             tokens += divisor
         self.model.train()

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,18 +62,14 @@ from torch import nn
 from trident.errors import UserError
 from trident.parallel.collectives import all_reduce, all_reduce_coalesced
 from trident.parallel.pipeline.p2p import StageComm
-from trident.parallel.pipeline.schedule import (
-    SCHEDULES,
-    Exchange,
-)
+from trident.parallel.pipeline.schedule import SCHEDULES, SPLIT_BACKWARD, Exchange, check_layout
 from trident.parallel.pipeline.schedule import forward_only as forward_only_steps
 from trident.parallel.pipeline.schedule import peak_in_flight, plan, schedule_steps
-from trident.parallel.pipeline.timeline import Timeline, span
+from trident.parallel.pipeline.stage_run import Microbatch, StageRun
+from trident.parallel.pipeline.timeline import Timeline
 from trident.parallel.tensor.layers import sync_tp_partial_grads
 from trident.parallel.tensor.sharding import is_pipeline_tied, reduction_grad
 from trident.parallel.topology import Topology
-
-Microbatch = Mapping[str, torch.Tensor]
 
 
 def finalize_grads(model: nn.Module, topo: Topology) -> None:
@@ -106,38 +102,6 @@ class PipelineResult:
         return float(self.loss_tensor.item())
 
 
-def forward_step(
-    model: nn.Module, topo: Topology, data: Microbatch, x: torch.Tensor, loss_divisor: float,
-    loss_scale: float = 1.0, **model_kw: object,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One microbatch through this stage: ``(out, loss_sum)``.
-
-    On the last stage `out` is the scalar to back-propagate, ``sum(loss * mask) *
-    loss_scale / loss_divisor``, and `loss_sum` the detached fp32 ``sum(loss * mask)``;
-    elsewhere `out` is the hidden state to send on and `loss_sum` is None.
-    """
-    # x: tokens [b, s] (first stage) or the received hidden state [b, s(/tp), hidden]
-    device = topo.device
-    labels = data["labels"].to(device, non_blocking=True) if topo.is_last_stage else None
-    # doc_ids: [b, s] left where the loader put it (the CPU): the model reads its document
-    # boundaries there, without a host-device sync, and copies it to the device itself
-    doc_ids = data.get("doc_ids")
-    y = model(x, labels=labels, doc_ids=doc_ids, **model_kw)
-    if not topo.is_last_stage:
-        return y, None  # hidden [b, s(/tp), hidden]
-    if "loss_mask" in data:  # y: per-token loss [b, s]
-        y = y * data["loss_mask"].to(device=device, dtype=y.dtype, non_blocking=True)
-    y = y.sum()
-    return y * (loss_scale / loss_divisor), y.detach().float()
-
-
-def backward_step(out: torch.Tensor, grad_out: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
-    """Back-propagate one microbatch through this stage; the gradient of its input to send
-    upstream (None on the first stage, whose input is token ids)."""
-    torch.autograd.backward(out, grad_tensors=grad_out)
-    return x.grad if x is not None else None
-
-
 def run_pipeline(
     model: nn.Module,
     topo: Topology,
@@ -146,6 +110,7 @@ def run_pipeline(
     act_shape: tuple[int, ...],
     loss_divisor: float,
     schedule: str = "1f1b",
+    vpp: int = 1,
     forward_only: bool = False,
     grad_sync: Callable[[], None] | None = None,
     before_backward: Callable[[int, bool], None] | None = None,
@@ -169,27 +134,33 @@ def run_pipeline(
         (`trident.parallel.pipeline.p2p.activation_shape`); no shapes are exchanged at run time.
     loss_divisor: loss-bearing tokens in the whole global batch (all microbatches, all dp
         ranks), so the loss does not depend on the layout.
+    schedule, vpp: a name of `SCHEDULES` and the virtual stages per rank (interleaved:
+        the model holds vpp chunks and is called with ``chunk=c``).
     forward_only: evaluation; no activations kept, no gradients, no hooks called.
     loss_scale: fp16 dynamic loss scale; only the back-propagated loss is multiplied by it
         (the returned loss is the true one), the optimizer unscales the gradients.
     """
     p, r, m = topo.pp, topo.pp_rank, len(microbatches)
-    _check_args(model, topo, microbatches, act_shape, loss_divisor, schedule)
+    _check_args(model, topo, microbatches, act_shape, loss_divisor, schedule, vpp)
     training = not forward_only
-    steps = schedule_steps(schedule, p, r, m) if training else forward_only_steps(p, r, m)
-    run = _StageRun(
-        model, topo, microbatches, act_shape, loss_divisor, loss_scale, training, before_backward, timeline,
+    split = training and schedule in SPLIT_BACKWARD
+    steps = schedule_steps(schedule, p, r, m, vpp) if training else forward_only_steps(p, r, m, vpp)
+    act_dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
+    run = StageRun(
+        model, topo, microbatches, StageComm(topo, act_shape, act_dtype, topo.device, ring=vpp > 1), vpp,
+        loss_divisor, loss_scale, training, split, before_backward, timeline,
         {"label_smoothing": label_smoothing} if label_smoothing else {},
-        last_backward=next((st.mb for st in reversed(steps) if st.kind == "B"), -1),
+        # a split backward leaves weight gradients for later Ws: no B is the last one, and
+        # the dp reduction starts in grad_sync, after every W
+        last_backward=None if split else next((st.key for st in reversed(steps) if st.kind == "B"), None),
         limit=peak_in_flight(steps),
     )
-    for action in plan(steps, r, p):
+    actions = {"F": run.forward, "B": run.backward, "W": run.weight}
+    for action in plan(steps, r, p, vpp):
         if isinstance(action, Exchange):
             run.exchange(action)
-        elif action.kind == "F":
-            run.forward(action.mb)
         else:
-            run.backward(action.mb)
+            actions[action.kind](action)
     run.check_drained()
     if training:
         finalize_grads(model, topo)
@@ -203,83 +174,6 @@ def run_pipeline(
         sends=run.comm.sends,
         recvs=run.comm.recvs,
     )
-
-
-class _StageRun:
-    """The state of one step on one stage: tensors waiting to be sent, received or
-    back-propagated, keyed by microbatch. `run_pipeline` drives it with the plan."""
-
-    def __init__(
-        self, model: nn.Module, topo: Topology, microbatches: Sequence[Microbatch], act_shape: tuple[int, ...],
-        loss_divisor: float, loss_scale: float, training: bool, before_backward: Callable[[int, bool], None] | None,
-        timeline: Timeline | None, model_kw: dict[str, object], last_backward: int, limit: int,
-    ) -> None:
-        self.model, self.topo, self.microbatches = model, topo, microbatches
-        self.loss_divisor, self.loss_scale, self.training = loss_divisor, loss_scale, training
-        self.before_backward, self.timeline, self.model_kw = before_backward, timeline, model_kw
-        self.last_backward, self.limit = last_backward, limit
-        act_dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
-        self.comm = StageComm(topo, act_shape, act_dtype, topo.device)
-        self.inbox_act: dict[int, torch.Tensor] = {}  # received activations waiting for their forward
-        self.inbox_grad: dict[int, torch.Tensor] = {}  # received gradients waiting for their backward
-        self.outbox_act: dict[int, torch.Tensor] = {}  # outputs waiting to be sent forward
-        self.outbox_grad: dict[int, torch.Tensor] = {}  # input gradients waiting to be sent backward
-        self.saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # (input, output) for backward
-        self.peak = 0
-        self.loss_sum = torch.zeros((), dtype=torch.float32, device=topo.device)
-
-    def forward(self, mb: int) -> None:
-        topo, data = self.topo, self.microbatches[mb]
-        with span(self.timeline, f"F{mb}", "forward", mb), torch.set_grad_enabled(self.training):
-            if topo.is_first_stage:
-                x = data["tokens"].to(topo.device, non_blocking=True)  # [b, s]
-            else:
-                x = self.inbox_act.pop(mb).requires_grad_(self.training)  # [b, s(/tp), hidden]
-            out, loss = forward_step(self.model, topo, data, x, self.loss_divisor, self.loss_scale, **self.model_kw)
-            if loss is not None:
-                self.loss_sum += loss
-            else:
-                self.outbox_act[mb] = out.detach()
-            if self.training:
-                self.saved[mb] = (None if topo.is_first_stage else x, out)
-                self.peak = max(self.peak, len(self.saved))
-                if len(self.saved) > self.limit:  # the schedule's memory promise, checked where memory is held
-                    raise RuntimeError(
-                        f"stage {topo.pp_rank} holds {len(self.saved)} microbatches' activations, over its bound {self.limit}"
-                    )
-
-    def backward(self, mb: int) -> None:
-        x, out = self.saved.pop(mb)
-        if self.before_backward is not None:
-            self.before_backward(mb, mb == self.last_backward)
-        with span(self.timeline, f"B{mb}", "backward", mb):
-            grad_out = None if self.topo.is_last_stage else self.inbox_grad.pop(mb)
-            grad_in = backward_step(out, grad_out, x)
-            if x is not None:
-                self.outbox_grad[mb] = grad_in
-
-    def exchange(self, action: Exchange) -> None:
-        """Carry out one batch of the plan: at most one transfer of each (op, peer) kind."""
-        with span(self.timeline, str(action), "transfer"):
-            kw: dict[str, object] = {}
-            recv_mb: dict[str, int] = {}
-            for t in action.transfers:
-                key = f"{t.op}_{t.peer}"
-                assert key not in kw, f"two '{key}' transfers in one batch: {action}"
-                if t.op == "send":
-                    kw[key] = (self.outbox_act if t.what == "act" else self.outbox_grad).pop(t.mb)
-                else:
-                    kw[key] = True
-                    recv_mb[t.what] = t.mb
-            from_prev, from_next = self.comm.exchange(**kw)
-            if from_prev is not None:
-                self.inbox_act[recv_mb["act"]] = from_prev
-            if from_next is not None:
-                self.inbox_grad[recv_mb["grad"]] = from_next
-
-    def check_drained(self) -> None:
-        left = self.inbox_act or self.inbox_grad or self.outbox_act or self.outbox_grad or self.saved
-        assert not left, "the plan left tensors behind"
 
 
 def _global_loss(local: torch.Tensor, topo: Topology, over_dp: bool) -> torch.Tensor:
@@ -299,6 +193,7 @@ def _check_args(
     act_shape: tuple[int, ...],
     loss_divisor: float,
     schedule: str,
+    vpp: int,
 ) -> None:
     """Local checks that every rank makes identically, before its first transfer."""
     m = len(microbatches)
@@ -306,6 +201,9 @@ def _check_args(
         raise UserError("a pipeline step needs at least one microbatch, got 0")
     if schedule not in SCHEDULES:
         raise UserError(f"unknown pipeline schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
+    check_layout(schedule, topo.pp, m, vpp)
+    if vpp > 1 and getattr(model, "vpp", vpp) != vpp:
+        raise UserError(f"the model was built with {getattr(model, 'vpp')} chunks per rank but the schedule has vpp={vpp}")
     if not (isinstance(loss_divisor, (int, float)) and math.isfinite(loss_divisor) and loss_divisor > 0):
         raise UserError(f"loss_divisor must be a positive number of tokens, got {loss_divisor!r}")
     built = (getattr(model, "first_stage", None), getattr(model, "last_stage", None))

@@ -8,8 +8,18 @@ transfer, and a shape mismatch is a config error caught before the first step.
 All operations of one `exchange` are posted together with ``batch_isend_irecv`` and
 waited on together, which is what lets a stage send its activation to the next stage and
 receive a gradient from it in one round trip (Megatron's ``send_forward_recv_backward``)
-without either side having to go first. Which exchanges happen in what order is the
-schedule's business (`trident.parallel.pipeline.schedule.plan`); this module only moves tensors.
+without either side having to go first. An exchange posted with ``wait=False`` stays in
+flight while the rank computes (a zero-bubble schedule sends an input gradient upstream
+and computes weight gradients meanwhile); the next waiting exchange waits for it too.
+Which exchanges happen in what order is the schedule's business
+(`trident.parallel.pipeline.schedule.plan`); this module only moves tensors.
+
+Operations are posted in one fixed order on every rank: activations (send to the next,
+receive from the previous), then gradients (send to the previous, receive from the
+next). With virtual stages the pipeline is a ring (the last rank feeds chunk c+1 of the
+first), and at pp = 2 the previous and the next rank are the same rank: NCCL pairs the
+operations of a rank pair in posting order (it has no tags), so both ends must post them
+in the same order, which this one does (the schedule simulator checks it per rank pair).
 
 Works on gloo (CPU tensors) and NCCL (CUDA tensors on the topology's device). Peers are
 global ranks taken from the topology, so tp and dp replicas of a stage each talk to
@@ -41,7 +51,7 @@ class StageComm:
     """This rank's links to the previous and next stage of its pipeline.
 
     `shape` and `dtype` describe every tensor in both directions (an activation and its
-    gradient have the same shape).
+    gradient have the same shape). `ring` (virtual stages) links the last rank to the first.
     """
 
     def __init__(
@@ -50,8 +60,15 @@ class StageComm:
         shape: tuple[int, ...],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        ring: bool = False,
     ) -> None:
         self.prev, self.next = topo.pp_prev_rank, topo.pp_next_rank
+        if ring and topo.pp > 1:
+            p, rank_of = topo.pp, topo.layout.rank_of
+            self.prev = rank_of((topo.pp_rank - 1) % p, topo.dp_rank, topo.tp_rank)
+            self.next = rank_of((topo.pp_rank + 1) % p, topo.dp_rank, topo.tp_rank)
+        self.in_flight: list[dist.Work] = []  # posted without waiting; waited by the next exchange
+        self.in_flight_tensors: list[torch.Tensor] = []  # kept alive until then
         self.group = topo.pp_group
         self.shape, self.dtype = tuple(shape), dtype
         self.device = torch.device(device) if device is not None else topo.device
@@ -76,35 +93,45 @@ class StageComm:
         send_next: torch.Tensor | None = None,
         recv_prev: bool = False,
         recv_next: bool = False,
+        wait: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Post the requested sends and receives as one batch, wait for all of them, and
-        return (tensor from the previous stage, tensor from the next stage)."""
+        """Post the requested sends and receives as one batch and, with `wait`, wait for
+        them and for every batch posted before without waiting; return (tensor from the
+        previous stage, tensor from the next stage), None where nothing was received.
+        Without `wait`, received tensors must not be read before a later waiting exchange."""
         ops: list[dist.P2POp] = []
         from_prev = from_next = None
-        if send_prev is not None or recv_prev:
-            if self.prev is None:
-                raise ValueError("the first stage has no previous stage to exchange with")
-        if send_next is not None or recv_next:
-            if self.next is None:
-                raise ValueError("the last stage has no next stage to exchange with")
-        # fixed order within a batch (prev before next); NCCL groups them, gloo posts each
-        if send_prev is not None:
-            ops.append(dist.P2POp(dist.isend, self._check(send_prev, "previous"), self.prev, self.group))
+        if (send_prev is not None or recv_prev) and self.prev is None:
+            raise ValueError("the first stage has no previous stage to exchange with")
+        if (send_next is not None or recv_next) and self.next is None:
+            raise ValueError("the last stage has no next stage to exchange with")
+        # the fixed order of the module docstring: activations, then gradients
+        if send_next is not None:
+            ops.append(dist.P2POp(dist.isend, self._check(send_next, "next"), self.next, self.group))
         if recv_prev:
             from_prev = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             ops.append(dist.P2POp(dist.irecv, from_prev, self.prev, self.group))
-        if send_next is not None:
-            ops.append(dist.P2POp(dist.isend, self._check(send_next, "next"), self.next, self.group))
+        if send_prev is not None:
+            ops.append(dist.P2POp(dist.isend, self._check(send_prev, "previous"), self.prev, self.group))
         if recv_next:
             from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             ops.append(dist.P2POp(dist.irecv, from_next, self.next, self.group))
-        if not ops:
-            return None, None
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
-        if self.device.type == "cuda":
-            # received buffers are written on NCCL's stream; Megatron synchronises here too
-            torch.cuda.synchronize(self.device)
+        works = dist.batch_isend_irecv(ops) if ops else []
         self.sends += (send_prev is not None) + (send_next is not None)
         self.recvs += recv_prev + recv_next
+        if not wait:
+            self.in_flight += works
+            self.in_flight_tensors += [op.tensor for op in ops]
+            return from_prev, from_next
+        self.wait_all(works)
         return from_prev, from_next
+
+    def wait_all(self, works: list | None = None) -> None:
+        """Wait for `works` and for everything posted without waiting."""
+        pending = self.in_flight + list(works or [])
+        self.in_flight, self.in_flight_tensors = [], []
+        for req in pending:
+            req.wait()
+        if pending and self.device.type == "cuda":
+            # received buffers are written on NCCL's stream; Megatron synchronises here too
+            torch.cuda.synchronize(self.device)

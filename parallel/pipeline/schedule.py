@@ -1,26 +1,37 @@
-"""Pipeline schedules as data: pure functions from (stages, stage, microbatches) to steps.
+"""Pipeline schedules as data: pure functions from (stages, stage, microbatches, vpp) to steps.
 
-A schedule is the list of compute steps one stage runs, ``F3`` (forward of microbatch
-3) or ``B3`` (its backward). It can be printed, compared and tested without a process;
-`plan` turns it into the actions the executor (`parallel.pipeline.executor`) runs, inserting the
-point-to-point transfers each step implies; `simulate` runs the plans of every stage
-together, process-free, to get the total time and to prove a plan cannot deadlock.
+A schedule is the list of compute steps one rank runs: ``F3`` (forward of microbatch 3),
+``B3`` (its backward) and, in zero-bubble schedules, ``W3`` (the weight-gradient half of
+that backward, split off B). With virtual stages (interleaved) each step also names the
+model chunk it runs, printed ``F3.1``. A schedule can be printed, compared and tested
+without a process; `plan` turns it into the actions the executor
+(`parallel.pipeline.executor`) runs, inserting the point-to-point transfers each step
+implies, and `parallel.pipeline.simulate` runs the plans of every rank together,
+process-free, to time them and to prove that they cannot deadlock.
 
-1F1B (PipeDream-Flush, Megatron's default) on stage r of p with m microbatches::
+The schedules on rank r of p with m microbatches (and v chunks per rank):
 
-    warm-up     min(p-r-1, m) forwards
-    steady      m - warm-up pairs of (forward, backward)
-    cool-down   the remaining backwards
+* **1F1B** (PipeDream-Flush, Megatron's default): warm-up min(p-r-1, m) forwards, then
+  (forward, backward) pairs, then the remaining backwards. Rank r holds at most
+  min(p-r, m) microbatches' activations; idle share (p-1)/(m+p-1).
+* **GPipe**: every forward, then every backward; m microbatches held, same bubble.
+* **Interleaved 1F1B** (Megatron's virtual pipeline, Narayanan et al. 2021): rank r holds
+  chunks r, r+p, ..., r+(v-1)p of the p·v virtual stages; microbatches go in groups of p
+  through a chunk, then the next chunk; warm-up (p-r-1)·2 + (v-1)·p forwards. The bubble
+  shrinks v-fold, (p-1)/(v·m+p-1) of the step, for 1 + (p-1)/(p·v) times 1F1B's peak
+  activations on rank 0 and v times the transfers. Needs m a multiple of p, as in Megatron.
+* **ZB-H1** (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): each backward is
+  split into B (the input's gradient, on the critical path) and W (the weights'
+  gradients, deferrable). Rank r runs 1F1B's warm-up, then r (F, B) pairs whose W waits,
+  then (F, B, W) triples, then (B, W) pairs and finally its r deferred Ws: the Ws fill
+  the cool-down bubble. No rank holds more than p microbatches (1F1B's peak, on rank 0),
+  and with tb = tB + tW the step takes m(tf+tb) + (p-1)(tf+tB-tW), against 1F1B's
+  (m+p-1)(tf+tb): a third of the bubble when tf = tB = tW.
 
-so stage r never holds more than min(p-r, m) microbatches' activations, against m for
-GPipe (all forwards, then all backwards), with the same bubble (p-1)/(m+p-1).
-
-Transfers in a plan are fused the way Megatron fuses them: what a step sends and what
-the next step receives go out as one batch (e.g. "send activation i to the next stage +
-receive the gradient of j from it"), and a batch is waited on before the next compute.
-The simulator treats a send as complete only when the matching receive is posted
-(rendezvous, the strictest semantics either gloo or NCCL can show), so a plan that the
-simulator finishes cannot deadlock on a real backend.
+Transfers in a plan are fused the way Megatron fuses them: what a step sends and what the
+next step receives go out as one batch (e.g. "send activation i to the next stage +
+receive the gradient of j from it"), and a batch is waited on before the next compute. A
+B's gradient is sent before any W that follows it runs (the W is off the critical path).
 """
 
 from __future__ import annotations
@@ -29,60 +40,76 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from trident.errors import UserError
-from trident.parallel.pipeline.timeline import Event
 
 
 # --- steps and actions ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Step:
-    """One compute step of a stage: kind "F" (forward) or "B" (backward) of microbatch `mb`."""
+    """One compute step: kind "F" (forward), "B" (backward; only the input's gradient when a
+    "W" of the same microbatch and chunk follows) or "W" (the weights' gradients)."""
 
     kind: str
     mb: int
+    chunk: int = 0  # which of this rank's virtual stages (0 without interleaving)
 
     def __str__(self) -> str:
-        return f"{self.kind}{self.mb}"
+        return f"{self.kind}{self.mb}" + (f".{self.chunk}" if self.chunk else "")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.chunk, self.mb)
 
 
 @dataclass(frozen=True)
 class Transfer:
     """One point-to-point operation: send or recv an activation ("act", forward direction)
-    or an activation gradient ("grad", backward direction) of `mb` with a neighbour."""
+    or an activation gradient ("grad", backward direction) of (`chunk`, `mb`) with the
+    previous or next rank. `chunk` is the chunk on THIS rank that produces or consumes it."""
 
     op: str  # send | recv
     what: str  # act | grad
     peer: str  # prev | next
     mb: int
+    chunk: int = 0
 
     def __str__(self) -> str:
-        return f"{self.op} {self.what} {self.mb}"
+        return f"{self.op} {self.what} {self.mb}" + (f".{self.chunk}" if self.chunk else "")
 
 
 @dataclass(frozen=True)
 class Exchange:
-    """Transfers posted together as one batch and waited on together."""
+    """Transfers posted together as one batch. With `wait` (the default) the batch is
+    waited on, together with any batch posted earlier without waiting, before the next
+    step; without, the rank goes on computing while it is in flight (a B's gradient sent
+    upstream while the W that follows it runs)."""
 
     transfers: tuple[Transfer, ...]
+    wait: bool = True
 
     def __str__(self) -> str:
-        return " + ".join(str(t) for t in self.transfers)
+        text = " + ".join(str(t) for t in self.transfers) or "wait"
+        return text if self.wait else f"post {text}"
 
 
 Action = Step | Exchange
 
 
-def F(mb: int) -> Step:
-    return Step("F", mb)
+def F(mb: int, chunk: int = 0) -> Step:
+    return Step("F", mb, chunk)
 
 
-def B(mb: int) -> Step:
-    return Step("B", mb)
+def B(mb: int, chunk: int = 0) -> Step:
+    return Step("B", mb, chunk)
+
+
+def W(mb: int, chunk: int = 0) -> Step:
+    return Step("W", mb, chunk)
 
 
 # --- schedules -----------------------------------------------------------------------------
-def one_f_one_b(stages: int, stage: int, microbatches: int) -> list[Step]:
+def one_f_one_b(stages: int, stage: int, microbatches: int, vpp: int = 1) -> list[Step]:
     """1F1B: warm-up forwards, then one forward / one backward, then cool-down backwards."""
-    _check(stages, stage, microbatches)
+    _check(stages, stage, microbatches, vpp, "1f1b")
     warmup = min(stages - stage - 1, microbatches)
     steps = [F(i) for i in range(warmup)]
     for i in range(microbatches - warmup):
@@ -91,219 +118,242 @@ def one_f_one_b(stages: int, stage: int, microbatches: int) -> list[Step]:
     return steps
 
 
-def gpipe(stages: int, stage: int, microbatches: int) -> list[Step]:
+def gpipe(stages: int, stage: int, microbatches: int, vpp: int = 1) -> list[Step]:
     """GPipe: every forward, then every backward (in the same microbatch order)."""
-    _check(stages, stage, microbatches)
+    _check(stages, stage, microbatches, vpp, "gpipe")
     return [F(i) for i in range(microbatches)] + [B(i) for i in range(microbatches)]
 
 
-def forward_only(stages: int, stage: int, microbatches: int) -> list[Step]:
-    """Evaluation: forwards only, nothing kept for a backward."""
-    _check(stages, stage, microbatches)
-    return [F(i) for i in range(microbatches)]
+def interleaved(stages: int, stage: int, microbatches: int, vpp: int = 2) -> list[Step]:
+    """Interleaved 1F1B: the k-th forward of a rank is microbatch (k // pv)·p + k % p of
+    chunk (k // p) % v, its k-th backward the same microbatch of chunk v-1 - (k // p) % v."""
+    _check(stages, stage, microbatches, vpp, "interleaved")
+    p, v, m = stages, vpp, microbatches
+    total = m * v
+
+    def order(k: int, backward: bool) -> tuple[int, int]:
+        chunk = (k // p) % v
+        return (v - 1 - chunk if backward else chunk), (k // (p * v)) * p + k % p
+
+    # all forwards first when m == p (Megatron does the same: no steady state is left)
+    warmup = total if m == p else min((p - stage - 1) * 2 + (v - 1) * p, total)
+    steps = [F(*reversed(order(k, False))) for k in range(warmup)]
+    for i in range(total - warmup):
+        steps += [F(*reversed(order(warmup + i, False))), B(*reversed(order(i, True)))]
+    steps += [B(*reversed(order(k, True))) for k in range(total - warmup, total)]
+    return steps
 
 
-SCHEDULES: dict[str, Callable[[int, int, int], list[Step]]] = {"1f1b": one_f_one_b, "gpipe": gpipe}
+def zb_h1(stages: int, stage: int, microbatches: int, vpp: int = 1) -> list[Step]:
+    """ZB-H1: 1F1B's warm-up, r (F, B) pairs deferring their W, (F, B, W) triples, (B, W)
+    pairs, then the deferred Ws (oldest first)."""
+    _check(stages, stage, microbatches, vpp, "zb-h1")
+    m = microbatches
+    f = b = w = 0
+    steps: list[Step] = []
+    for _ in range(min(stages - stage - 1, m)):
+        steps.append(F(f))
+        f += 1
+    for _ in range(stage):
+        if f == m:
+            break
+        steps += [F(f), B(b)]
+        f, b = f + 1, b + 1
+    while f < m:
+        steps += [F(f), B(b), W(w)]
+        f, b, w = f + 1, b + 1, w + 1
+    while b < m:
+        steps += [B(b), W(w)]
+        b, w = b + 1, w + 1
+    steps += [W(i) for i in range(w, m)]
+    return steps
 
 
-def schedule_steps(name: str, stages: int, stage: int, microbatches: int) -> list[Step]:
+def forward_only(stages: int, stage: int, microbatches: int, vpp: int = 1) -> list[Step]:
+    """Evaluation: forwards only (through every chunk), nothing kept for a backward."""
+    _check(stages, stage, microbatches, vpp, "forward-only")
+    if vpp == 1:
+        return [F(i) for i in range(microbatches)]
+    return [s for s in interleaved(stages, stage, microbatches, vpp) if s.kind == "F"]
+
+
+Schedule = Callable[[int, int, int, int], list[Step]]
+SCHEDULES: dict[str, Schedule] = {"1f1b": one_f_one_b, "interleaved": interleaved, "zb-h1": zb_h1, "gpipe": gpipe}
+SPLIT_BACKWARD = ("zb-h1",)  # schedules whose backward is B (input) + W (weights)
+
+
+def schedule_steps(name: str, stages: int, stage: int, microbatches: int, vpp: int = 1) -> list[Step]:
     if name not in SCHEDULES:
         raise UserError(f"unknown pipeline schedule {name!r}; valid schedules are {', '.join(SCHEDULES)}")
-    return SCHEDULES[name](stages, stage, microbatches)
+    return SCHEDULES[name](stages, stage, microbatches, vpp)
 
 
-def in_flight_limit(name: str, stages: int, stage: int, microbatches: int) -> int:
-    """Most microbatches whose activations a stage may hold at once under schedule `name`:
-    the bound the executor asserts, read off the schedule's own list (min(p-r, m) for
-    1F1B, m for GPipe), so a new schedule brings its bound with it."""
-    return peak_in_flight(schedule_steps(name, stages, stage, microbatches))
+def check_layout(name: str, stages: int, microbatches: int, vpp: int) -> None:
+    """The checks every rank makes identically before its first transfer (one sentence each)."""
+    _check(stages, 0, microbatches, vpp, name)
+
+
+def in_flight_limit(name: str, stages: int, stage: int, microbatches: int, vpp: int = 1) -> int:
+    """Most (chunk, microbatch) pairs whose activations a rank may hold at once under
+    schedule `name`: the bound the executor asserts, read off the schedule's own list
+    (min(p-r, m) for 1F1B, m for GPipe, p for ZB-H1), so a new schedule brings its bound."""
+    return peak_in_flight(schedule_steps(name, stages, stage, microbatches, vpp))
 
 
 def peak_in_flight(steps: Sequence[Step]) -> int:
-    """Largest number of forwarded-but-not-yet-backwarded microbatches along a step list."""
+    """Largest number of (chunk, microbatch) pairs forwarded and not yet fully backwarded
+    (their W done, when the schedule splits the backward) along a step list."""
+    split = {s.key for s in steps if s.kind == "W"}
     held = peak = 0
     for step in steps:
-        held += 1 if step.kind == "F" else -1
+        if step.kind == "F":
+            held += 1
+        elif step.kind == "W" or step.key not in split:
+            held -= 1
         peak = max(peak, held)
     return peak
 
 
-def _check(stages: int, stage: int, microbatches: int) -> None:
+def _check(stages: int, stage: int, microbatches: int, vpp: int, name: str) -> None:
     if not isinstance(stages, int) or stages < 1:
         raise UserError(f"a pipeline needs a whole number of stages >= 1, got {stages!r}")
     if not isinstance(stage, int) or not 0 <= stage < stages:
         raise UserError(f"stage {stage!r} is outside a pipeline of {stages} stages (valid: 0..{stages - 1})")
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise UserError(f"the number of microbatches must be a whole number >= 1, got {microbatches!r}")
+    if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
+        raise UserError(f"parallel.vpp (virtual stages per rank) must be a whole number >= 1, got {vpp!r}")
+    if name == "interleaved":
+        if vpp < 2 or stages < 2:
+            raise UserError(
+                f"the interleaved schedule needs pp >= 2 and parallel.vpp >= 2 virtual stages per rank, "
+                f"got pp={stages}, vpp={vpp}; use pp_schedule 1f1b for vpp=1"
+            )
+        if microbatches % stages != 0:
+            raise UserError(
+                f"the interleaved schedule runs microbatches in groups of pp={stages}, but there are "
+                f"{microbatches} per step; make global_batch / (micro_batch * dp) a multiple of {stages}"
+            )
+    elif vpp != 1 and name != "forward-only":
+        raise UserError(f"pipeline schedule {name!r} has one stage per rank; parallel.vpp={vpp} needs pp_schedule interleaved")
 
 
 # --- plans: steps plus the transfers they imply --------------------------------------------
-def _receives(step: Step, stage: int, stages: int) -> list[Transfer]:
-    if step.kind == "F" and stage > 0:
-        return [Transfer("recv", "act", "prev", step.mb)]
-    if step.kind == "B" and stage < stages - 1:
-        return [Transfer("recv", "grad", "next", step.mb)]
+def _virtual(step: Step, stage: int, stages: int) -> int:
+    return step.chunk * stages + stage
+
+
+def _receives(step: Step, stage: int, stages: int, vpp: int) -> list[Transfer]:
+    s, last = _virtual(step, stage, stages), stages * vpp - 1
+    if step.kind == "F" and s > 0:
+        return [Transfer("recv", "act", "prev", step.mb, step.chunk)]
+    if step.kind == "B" and s < last:
+        return [Transfer("recv", "grad", "next", step.mb, step.chunk)]
     return []
 
 
-def _sends(step: Step, stage: int, stages: int) -> list[Transfer]:
-    if step.kind == "F" and stage < stages - 1:
-        return [Transfer("send", "act", "next", step.mb)]
-    if step.kind == "B" and stage > 0:
-        return [Transfer("send", "grad", "prev", step.mb)]
+def _sends(step: Step, stage: int, stages: int, vpp: int) -> list[Transfer]:
+    s, last = _virtual(step, stage, stages), stages * vpp - 1
+    if step.kind == "F" and s < last:
+        return [Transfer("send", "act", "next", step.mb, step.chunk)]
+    if step.kind == "B" and s > 0:
+        return [Transfer("send", "grad", "prev", step.mb, step.chunk)]
     return []
 
 
-def plan(steps: Sequence[Step], stage: int, stages: int) -> list[Action]:
-    """The actions that run `steps` on `stage`: each step's sends are batched with the
-    receives of the step after it, as one `Exchange` before that step."""
+# the order the transfers of one batch are posted in, the same on every rank: activations
+# before gradients, so that at p = 2 with interleaving (where the previous and the next
+# rank are one rank) both ends post their operations on that rank pair in the same order
+_POST_ORDER = {("send", "act"): 0, ("recv", "act"): 1, ("send", "grad"): 2, ("recv", "grad"): 3}
+
+
+def _batch(transfers: list[Transfer], wait: bool = True) -> Exchange:
+    return Exchange(tuple(sorted(transfers, key=lambda t: _POST_ORDER[(t.op, t.what)])), wait)
+
+
+def plan(steps: Sequence[Step], stage: int, stages: int, vpp: int = 1) -> list[Action]:
+    """The actions that run `steps` on `stage`, transfers fused into `Exchange` batches.
+
+    One stage per rank (Megatron's 1F1B fusion): each step's sends go out with the
+    receives of the next forward or backward, in one batch before it. Before a W the
+    pending sends are posted without waiting: an input gradient never waits for a weight
+    gradient, and the W runs while it travels (the next batch waits for it).
+
+    Virtual stages (Megatron's interleaved fusion): steps are taken in rounds of at most
+    one forward and one backward (F, F+B or B), and one batch between rounds carries the
+    previous round's sends and the next round's receives. Step-by-step fusion deadlocks
+    there: a rank would wait to send a gradient its neighbour receives only after
+    sending it an activation the first rank receives only later.
+    """
+    rounds = _rounds(steps) if vpp > 1 else [[s] for s in steps]
     actions: list[Action] = []
     pending: list[Transfer] = []
-    for step in steps:
-        batch = pending + _receives(step, stage, stages)
-        if batch:
-            actions.append(Exchange(tuple(batch)))
-        actions.append(step)
-        pending = _sends(step, stage, stages)
-    if pending:
-        actions.append(Exchange(tuple(pending)))
+    in_flight = False  # a batch posted without waiting
+    for group in rounds:
+        if group[0].kind == "W":
+            if pending:  # post the input gradient, then compute the weights' while it travels
+                actions.append(_batch(pending, wait=False))
+                pending, in_flight = [], True
+            actions.extend(group)
+            continue
+        batch = pending + [t for s in group for t in _receives(s, stage, stages, vpp)]
+        if batch or in_flight:
+            actions.append(_batch(batch))
+            in_flight = False
+        actions.extend(group)
+        pending = [t for s in group for t in _sends(s, stage, stages, vpp)]
+    if pending or in_flight:
+        actions.append(_batch(pending))
     return actions
 
 
-def format_schedule(name: str, stages: int, microbatches: int) -> str:
+def _rounds(steps: Sequence[Step]) -> list[list[Step]]:
+    """Consecutive steps grouped as F, F+B or B (a W is a round of its own). When every
+    forward precedes every backward (interleaved with m = p) nothing is paired: the first
+    backward's gradient needs the last forward's activation downstream."""
+    kinds = "".join(s.kind for s in steps)
+    pairs = "B" in kinds and "F" in kinds[kinds.index("B"):]
+    rounds: list[list[Step]] = []
+    for s in steps:
+        if pairs and s.kind == "B" and rounds and [c.kind for c in rounds[-1]] == ["F"]:
+            rounds[-1].append(s)
+        else:
+            rounds.append([s])
+    return rounds
+
+
+def format_schedule(name: str, stages: int, microbatches: int, vpp: int = 1) -> str:
     """One line per stage, e.g. ``stage 0: F0 F1 F2 F3 B0 F4 B1 ...`` (for docs and logs)."""
     width = len(str(stages - 1))
     return "\n".join(
-        f"stage {r:>{width}}: " + " ".join(str(s) for s in schedule_steps(name, stages, r, microbatches))
+        f"stage {r:>{width}}: " + " ".join(str(s) for s in schedule_steps(name, stages, r, microbatches, vpp))
         for r in range(stages)
     )
 
 
-# --- a process-free simulator -----------------------------------------------------------------
-class DeadlockError(RuntimeError):
-    """The stages' plans wait on each other in a cycle: no real run could finish."""
+# --- the schedules' formulas (uniform stages, free transfers) --------------------------------
+def ideal_time(
+    stages: int, microbatches: int, t_forward: float, t_backward: float, name: str = "1f1b", vpp: int = 1,
+    t_weight: float | None = None,
+) -> float:
+    """The step time of schedule `name` with per-rank costs tf and tb (the whole backward;
+    for ZB-H1 tb = tB + tW with tW = `t_weight`, by default tb / 2):
 
-
-@dataclass
-class Simulation:
-    total: float  # time at which the last stage finishes
-    events: list[Event]  # forward, backward and transfer intervals of every stage
-
-    def stage_busy(self, stage: int) -> float:
-        return sum(e.duration for e in self.events if e.stage == stage and e.cat != "transfer")
-
-
-def simulate(
-    plans: Sequence[Sequence[Action]],
-    t_forward: float | Sequence[float] = 1.0,
-    t_backward: float | Sequence[float] = 2.0,
-    t_transfer: float = 0.0,
-) -> Simulation:
-    """Run every stage's plan with fixed costs (per stage when sequences) and rendezvous
-    transfers: an operation completes `t_transfer` after both its ends are posted, and an
-    `Exchange` when all its operations have. Raises `DeadlockError` if no stage can move,
-    and `ValueError` if the two ends of a channel disagree on which microbatch is next.
+    1F1B, GPipe   (m + p - 1)(tf + tb)
+    interleaved   (m·v + p - 1)(tf + tb) / v
+    ZB-H1         m(tf + tb) + (p - 1)(tf + tB - tW)
     """
-    sim = _Simulator(plans, t_forward, t_backward, t_transfer)
-    progressed = True
-    while progressed:  # sweep the stages until none can move
-        progressed = False
-        for r in range(len(plans)):
-            while sim.pos[r] < len(plans[r]) and sim.advance(r):
-                progressed = True
-    stuck = [r for r in range(len(plans)) if sim.pos[r] < len(plans[r])]
-    if stuck:
-        waits = "; ".join(f"stage {r} waits in '{plans[r][sim.pos[r]]}'" for r in stuck)
-        raise DeadlockError(f"the plans deadlock: {waits}")
-    return Simulation(total=max(sim.clock) if sim.clock else 0.0, events=sim.events)
+    p, m = stages, microbatches
+    if name == "interleaved":
+        return (m * vpp + p - 1) * (t_forward + t_backward) / vpp
+    if name in SPLIT_BACKWARD:
+        tw = t_backward / 2 if t_weight is None else t_weight
+        return m * (t_forward + t_backward) + (p - 1) * (t_forward + t_backward - 2 * tw)
+    return (m + p - 1) * (t_forward + t_backward)
 
 
-Channel = tuple[int, int, str]  # (sending stage, receiving stage, "act" | "grad")
-
-
-class _Simulator:
-    """The clocks and posted transfers of every stage; `advance` moves one stage one action."""
-
-    def __init__(self, plans: Sequence[Sequence[Action]], t_forward: float | Sequence[float],
-                 t_backward: float | Sequence[float], t_transfer: float) -> None:
-        p = self.p = len(plans)
-        self.plans, self.t_transfer = plans, t_transfer
-        self.tf = [t_forward] * p if isinstance(t_forward, (int, float)) else list(t_forward)
-        self.tb = [t_backward] * p if isinstance(t_backward, (int, float)) else list(t_backward)
-        self.pos = [0] * p  # next action of each stage
-        self.clock = [0.0] * p
-        # channel -> list of (mb, post time) in posting order, per side
-        self.posted: dict[str, dict[Channel, list[tuple[int, float]]]] = {"send": {}, "recv": {}}
-        # the (op, channel, index) each posted operation of a stage's current exchange occupies
-        self.current: list[list[tuple[str, Channel, int]] | None] = [None] * p
-        self.events: list[Event] = []
-
-    def channel(self, stage: int, t: Transfer) -> Channel:
-        other = stage - 1 if t.peer == "prev" else stage + 1
-        if not 0 <= other < self.p:
-            raise ValueError(f"stage {stage} of {self.p} has no {t.peer} stage for '{t}'")
-        return (stage, other, t.what) if t.op == "send" else (other, stage, t.what)
-
-    def advance(self, r: int) -> bool:
-        """Carry out stage `r`'s next action if it can; False if it is blocked."""
-        action = self.plans[r][self.pos[r]]
-        if isinstance(action, Step):
-            cost = self.tf[r] if action.kind == "F" else self.tb[r]
-            cat = "forward" if action.kind == "F" else "backward"
-            self.events.append(Event(r, r, str(action), cat, self.clock[r], self.clock[r] + cost, action.mb))
-            self.clock[r] += cost
-            self.pos[r] += 1
-            return True
-        posted_now = self.current[r] is None
-        if posted_now:  # post every operation of the batch now
-            self.current[r] = [self._post(r, t) for t in action.transfers]
-        ready = self._ready(r)
-        if ready is None:
-            return posted_now  # blocked; another stage must move first
-        done_at = ready + self.t_transfer  # the operations of a batch run side by side
-        self.events.append(Event(r, r, str(action), "transfer", self.clock[r], done_at))
-        self.clock[r] = done_at
-        self.current[r] = None
-        self.pos[r] += 1
-        return True
-
-    def _post(self, r: int, t: Transfer) -> tuple[str, Channel, int]:
-        ch = self.channel(r, t)
-        side = self.posted[t.op].setdefault(ch, [])
-        side.append((t.mb, self.clock[r]))
-        return t.op, ch, len(side) - 1
-
-    def _ready(self, r: int) -> float | None:
-        """When every operation of stage r's current exchange has both ends posted, or None."""
-        ready = self.clock[r]
-        for op, ch, idx in self.current[r] or []:
-            other = self.posted["recv" if op == "send" else "send"].get(ch, [])
-            if len(other) <= idx:
-                return None
-            mine_mb, mine_t = self.posted[op][ch][idx]
-            their_mb, their_t = other[idx]
-            if mine_mb != their_mb:
-                raise ValueError(
-                    f"channel {ch[0]}->{ch[1]} ({ch[2]}): operation {idx} is microbatch {mine_mb} "
-                    f"on one end and {their_mb} on the other"
-                )
-            ready = max(ready, mine_t, their_t)
-        return ready
-
-
-def simulate_schedule(
-    name: str, stages: int, microbatches: int, t_forward: float = 1.0, t_backward: float = 2.0, t_transfer: float = 0.0
-) -> Simulation:
-    """`simulate` for the plans of a named schedule on every stage."""
-    plans = [plan(schedule_steps(name, stages, r, microbatches), r, stages) for r in range(stages)]
-    return simulate(plans, t_forward, t_backward, t_transfer)
-
-
-def ideal_time(stages: int, microbatches: int, t_forward: float, t_backward: float) -> float:
-    """(m + p - 1)(tf + tb): a 1F1B or GPipe step with free transfers and uniform stages."""
-    return (microbatches + stages - 1) * (t_forward + t_backward)
-
-
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """(p - 1) / (m + p - 1): the share of each stage's time spent idle in that ideal step."""
-    return (stages - 1) / (microbatches + stages - 1)
+def bubble_fraction(stages: int, microbatches: int, name: str = "1f1b", vpp: int = 1) -> float:
+    """The share of each rank's step spent idle in that ideal step: (p-1)/(m+p-1) for 1F1B
+    and GPipe, (p-1)/(v·m+p-1) interleaved, (p-1)/(3m+p-1) for ZB-H1 with tf = tB = tW."""
+    busy = microbatches * 3.0
+    return 1.0 - busy / ideal_time(stages, microbatches, 1.0, 2.0, name, vpp, t_weight=1.0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.parallel.collectives import all_reduce, all_reduce_coalesced
-from trident.parallel.tensor.lean_linear import activation_linear, gathered_linear
+from trident.parallel.tensor.lean_linear import activation_linear, deferrable_linear, gathered_linear
 from trident.parallel.tensor.mappings import (
     copy_to_tp,
     gather_from_tp,
@@ -28,6 +28,7 @@ from trident.parallel.tensor.mappings import (
     scatter_to_tp,
 )
 from trident.parallel.tensor.sharding import Piece, is_tp_partial, mark_tp_partial_grad, reduction_grad, set_pieces
+from trident.parallel.tensor.weight_grad import splitting
 from trident.parallel.topology import Topology
 
 
@@ -140,7 +141,7 @@ class ColumnParallelLinear(nn.Module):
         if self.sequence_parallel:  # gathers the sequence; keeps only this rank's shard for backward
             y = gathered_linear(x, weight, bias, self.group)
         else:
-            y = F.linear(copy_to_tp(x, self.group), weight, bias)
+            y = (deferrable_linear if splitting() else F.linear)(copy_to_tp(x, self.group), weight, bias)
         if self.gather_output:
             y = gather_from_tp(y, self.group)
         return y
@@ -189,7 +190,10 @@ class RowParallelLinear(nn.Module):
         # x: [batch, seq, in/tp] (or [batch, seq, 2*in/tp] before SwiGLU)  ->  y: [batch, seq (/tp if sp), out]
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
-        y = F.linear(x, self.weight) if activation is None else activation_linear(activation, x, self.weight)
+        if activation is not None:
+            y = activation_linear(activation, x, self.weight)
+        else:
+            y = (deferrable_linear if splitting() else F.linear)(x, self.weight)
         y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
 

@@ -21,6 +21,12 @@ cheaper to rebuild than to keep:
 
 Both are autograd Functions whose backward computes the same gradients as autograd of
 the plain ops (to float rounding), so every layout still computes one process's step.
+
+All of them, and `deferrable_linear` (a plain linear with its own backward, used while a
+zero-bubble schedule builds its graph), hand their weight gradient to
+`trident.parallel.tensor.weight_grad.defer` during a split backward's B: the input's
+gradient is computed now, the weight's in the W (the sequence shard is re-gathered there,
+so a B under sequence parallelism does no all-gather at all).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch.profiler import record_function
 
 from trident.parallel.collectives import Group, all_gather_single, reduce_scatter_single
 from trident.parallel.tensor.mappings import SEQ_DIM
+from trident.parallel.tensor.weight_grad import defer
 from trident.parallel.topology import group_size
 
 
@@ -63,6 +70,9 @@ class _GatheredLinear(torch.autograd.Function):
     def backward(ctx, grad_y):  # type: ignore[override]
         # the profiler spans (`trident bench memory --trace`) show what the re-gather exposes
         shard, weight = ctx.saved_tensors
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if ctx.needs_input_grad[1] and defer(weight, lambda: _weight_grad(grad_y, _gather_seq(shard, ctx.group, False)[0])):
+            return _input_grad_scattered(grad_y, weight, ctx.group), None, grad_b, None
         full, gather = _gather_seq(shard, ctx.group, async_op=True)  # overlapped with the matmul below
         with record_function("sp_input_grad"):
             grad_full = grad_y.matmul(weight)  # [b, s, in]: needs only the weight
@@ -73,10 +83,41 @@ class _GatheredLinear(torch.autograd.Function):
         scatter = reduce_scatter_single(grad_shard, grad_src, group=ctx.group, async_op=True)
         with record_function("sp_weight_grad"):  # under the reduce-scatter
             grad_w = _weight_grad(grad_y, full) if ctx.needs_input_grad[1] else None
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         with record_function("sp_reduce_scatter_wait"):
             scatter.wait()
         return grad_shard.movedim(0, SEQ_DIM), grad_w, grad_b, None
+
+
+def _input_grad_scattered(grad_y: torch.Tensor, weight: torch.Tensor, group: Group) -> torch.Tensor:
+    """The input gradient alone (a split backward's B): matmul, then reduce-scatter."""
+    grad_src = grad_y.matmul(weight).movedim(SEQ_DIM, 0).contiguous()  # [s, b, in]
+    grad_shard = grad_src.new_empty((grad_src.shape[0] // group_size(group),) + tuple(grad_src.shape[1:]))
+    reduce_scatter_single(grad_shard, grad_src, group=group)
+    return grad_shard.movedim(0, SEQ_DIM)
+
+
+class _DeferrableLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = grad_y.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_w = None
+        if ctx.needs_input_grad[1] and not defer(weight, lambda: _weight_grad(grad_y, x)):
+            grad_w = _weight_grad(grad_y, x)
+        return grad_x, grad_w, grad_b
+
+
+def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose weight gradient a split backward can defer to its W."""
+    # x: [b, s, in]  ->  [b, s, out]
+    return _DeferrableLinear.apply(x, weight, bias)
 
 
 def gathered_linear(shard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group) -> torch.Tensor:
@@ -137,7 +178,9 @@ class _ActivationLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         act, act_backward = ACTIVATIONS[ctx.kind]
         out, reused = act(x)  # rebuilt
-        grad_w = _weight_grad(grad_y, out) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1] and not defer(weight, lambda: _weight_grad(grad_y, act(x)[0])):
+            grad_w = _weight_grad(grad_y, out)
         grad_x = act_backward(x, grad_y.matmul(weight), reused) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, None
 
