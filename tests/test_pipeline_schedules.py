@@ -176,3 +176,39 @@ def test_released_output_keeps_its_graph_and_gradient():
         torch.autograd.backward(out, grad)
         grads.append((w.grad.clone(), x.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_split_backward_feeds_the_gradient_buffer_under_the_activation_meter():
+    """ZB-H1's deferred weight gradients reach the fp32 gradient buffer exactly as 1F1B's,
+    also while the activation meter's saved-tensor hooks are on (they hand backward other
+    tensor objects than the parameters, and a W must accumulate through the real one)."""
+    import torch
+
+    from trident.parallel.pipeline.executor import run_pipeline
+    from trident.parallel.pipeline.p2p import activation_shape
+    from trident.parallel.random import RNGStreams
+    from trident.parallel.topology import Topology
+    from trident.tools.bench_train import synthetic_batch
+    from trident.training.build import build_model, build_optimizer
+    from trident.training.config import load_config
+    from trident.training.memory import ActivationMeter
+
+    overrides = ["model.n_layers=2", "model.hidden=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+                 "model.max_seq_len=32", "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8",
+                 "model.vocab_size=512", "data.vocab_size=512"]
+    grads = {}
+    for schedule in ("1f1b", "zb-h1"):
+        from cli_helpers import CONFIG
+
+        cfg = load_config(str(CONFIG), overrides + [f"parallel.pp_schedule={schedule}"])
+        topo = Topology.single()
+        model = build_model(cfg, topo, RNGStreams(cfg.train.seed, topo))
+        opt = build_optimizer(cfg, model, topo)
+        micros = synthetic_batch(cfg, 4, seed=0)
+        opt.zero_grad()
+        with ActivationMeter(model):
+            run_pipeline(model, topo, micros, act_shape=activation_shape(2, 32, 64), loss_divisor=8 * 32,
+                         schedule=schedule, grad_sync=opt.grad_sync, before_backward=opt.before_backward)
+        grads[schedule] = torch.cat([b.main_grad.clone() for b in opt.buffer.buckets])
+    assert grads["1f1b"].abs().sum() > 0
+    assert torch.equal(grads["1f1b"], grads["zb-h1"])

@@ -116,3 +116,63 @@ def test_many_microbatches_with_stalls_finish_and_trace(dist_pool, tmp_path):
     if importlib.util.find_spec("matplotlib") is None:
         return  # the PNG is an optional extra
     assert (tmp_path / "gantt.png").read_bytes()[:4] == b"\x89PNG"
+
+
+SCHEDULE_MICROBATCHES = 128
+
+
+def _stress_schedules() -> dict:
+    """Every other schedule, 128 microbatches, random stalls on stage 2: finishes, keeps its
+    bound and equals the single-process loss."""
+    import random
+    import time
+
+    import torch
+
+    from trident.model.gpt import GPT
+    from trident.model.stage import build_stage
+    from trident.parallel.pipeline.executor import run_pipeline
+    from trident.parallel.pipeline.p2p import activation_shape
+    from trident.parallel.pipeline.schedule import in_flight_limit
+    from trident.parallel.topology import Topology
+
+    topo = Topology.from_initialized(pp=4)
+    m = SCHEDULE_MICROBATCHES
+    cfg = _config().__class__(**{**_config().__dict__, "n_layers": 8})
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, cfg.vocab_size, (m, SEQ + 1), generator=gen)
+    micro = [{"tokens": tokens[i : i + 1, :-1], "labels": tokens[i : i + 1, 1:]} for i in range(m)]
+    ref_model = GPT(cfg, Topology.single())
+    ref_model.init_weights(0)
+    with torch.no_grad():
+        ref = ref_model(tokens[:, :-1], labels=tokens[:, 1:]).mean().item()
+    losses = {}
+    for schedule, vpp in (("interleaved", 2), ("zb-h1", 1), ("gpipe", 1)):
+        model = build_stage(cfg, topo, vpp=vpp)
+        model.init_weights(0)
+        stall = None
+        if topo.pp_rank == 2:
+            rng = random.Random(topo.rank)
+            forward = model.forward
+
+            def slow_forward(*args, forward=forward, rng=rng, **kwargs):
+                time.sleep(rng.uniform(0, 0.002))
+                return forward(*args, **kwargs)
+
+            model.forward = slow_forward
+
+            def stall(mb: int, last: bool, rng=rng) -> None:
+                time.sleep(rng.uniform(0, 0.002))
+
+        res = run_pipeline(model, topo, micro, act_shape=activation_shape(1, SEQ, cfg.hidden), loss_divisor=m * SEQ,
+                           schedule=schedule, vpp=vpp, before_backward=stall)
+        assert res.peak_in_flight == in_flight_limit(schedule, 4, topo.pp_rank, m, vpp), (schedule, res)
+        losses[schedule] = res.loss
+    return {"ref": ref, "losses": losses}
+
+
+def test_every_schedule_survives_stalls(dist_pool):
+    results = dist_pool.run(4, "test_pipeline_stress:_stress_schedules", timeout=300)
+    for r in results:
+        for schedule, loss in r["losses"].items():
+            assert abs(loss / r["ref"] - 1) <= 1e-5, (schedule, loss, r["ref"])

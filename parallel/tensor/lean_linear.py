@@ -64,6 +64,7 @@ class _GatheredLinear(torch.autograd.Function):
             full, _ = _gather_seq(shard, group, async_op=False)
         ctx.group, ctx.has_bias = group, bias is not None
         ctx.save_for_backward(shard, weight)  # the shard, not the gather
+        ctx.weight = weight  # the tensor itself, for a deferred W (see `defer`)
         return F.linear(full, weight, bias)
 
     @staticmethod
@@ -71,7 +72,7 @@ class _GatheredLinear(torch.autograd.Function):
         # the profiler spans (`trident bench memory --trace`) show what the re-gather exposes
         shard, weight = ctx.saved_tensors
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        if ctx.needs_input_grad[1] and defer(weight, lambda: _weight_grad(grad_y, _gather_seq(shard, ctx.group, False)[0])):
+        if ctx.needs_input_grad[1] and defer(ctx.weight, lambda: _weight_grad(grad_y, _gather_seq(shard, ctx.group, False)[0])):
             return _input_grad_scattered(grad_y, weight, ctx.group), None, grad_b, None
         full, gather = _gather_seq(shard, ctx.group, async_op=True)  # overlapped with the matmul below
         with record_function("sp_input_grad"):
@@ -101,6 +102,7 @@ class _DeferrableLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):  # type: ignore[override]
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
+        ctx.weight = weight  # the tensor itself, for a deferred W (see `defer`)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -109,7 +111,7 @@ class _DeferrableLinear(torch.autograd.Function):
         grad_x = grad_y.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_w = None
-        if ctx.needs_input_grad[1] and not defer(weight, lambda: _weight_grad(grad_y, x)):
+        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, x)):
             grad_w = _weight_grad(grad_y, x)
         return grad_x, grad_w, grad_b
 
@@ -169,7 +171,7 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 class _ActivationLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, kind):  # type: ignore[override]
-        ctx.kind = kind
+        ctx.kind, ctx.weight = kind, weight  # the weight itself, for a deferred W (see `defer`)
         ctx.save_for_backward(x, weight)  # not the activation's output: rebuilt in backward
         return F.linear(ACTIVATIONS[kind][0](x)[0], weight)
 
@@ -179,7 +181,7 @@ class _ActivationLinear(torch.autograd.Function):
         act, act_backward = ACTIVATIONS[ctx.kind]
         out, reused = act(x)  # rebuilt
         grad_w = None
-        if ctx.needs_input_grad[1] and not defer(weight, lambda: _weight_grad(grad_y, act(x)[0])):
+        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, act(x)[0])):
             grad_w = _weight_grad(grad_y, out)
         grad_x = act_backward(x, grad_y.matmul(weight), reused) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, None
