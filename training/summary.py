@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from trident.parallel.pipeline.schedule import bubble_fraction
 from trident.training.run_control import write_resolved_config
 
 if TYPE_CHECKING:  # the trainer calls in here; only its type is needed
@@ -75,7 +76,7 @@ def summary_lines(trainer: Trainer) -> list[str]:
         ("dtype", t.dtype),
         ("ZeRO stage", str(cfg.optim.zero)),
         ("recompute", t.recompute),
-        ("pipeline schedule", p.pp_schedule if topo.pp > 1 else f"{p.pp_schedule} (pp=1: plain accumulation)"),
+        ("pipeline schedule", _schedule_line(p, topo.pp, d.microbatches)),
         *_data_lines(trainer),
         ("steps", f"{trainer.step} -> {t.steps}"),
         ("run dir", str(trainer.run_dir)),
@@ -93,3 +94,11 @@ def announce_run(trainer: Trainer, print_config: bool) -> None:
     if print_config:
         print("resolved config:\n" + text, flush=True)
     print("\n".join(summary_lines(trainer)), flush=True)
+
+
+def _schedule_line(p, pp: int, m: int) -> str:
+    """The schedule, its virtual stages and the idle share its formula gives (uniform stages)."""
+    if pp == 1:
+        return f"{p.pp_schedule} (pp=1: plain accumulation)"
+    chunks = f", vpp={p.vpp} chunks per rank" if p.vpp > 1 else ""
+    return f"{p.pp_schedule}{chunks}; ideal bubble {bubble_fraction(pp, m, p.pp_schedule, p.vpp):.1%} at m={m}"

@@ -17,10 +17,13 @@ rank logs the real value.
 
 Hooks for the data-parallel reduction (the DP / ZeRO code plugs in here):
 
-* ``before_backward(mb, is_last)`` is called right before each microbatch's backward;
-  ``is_last`` is True exactly once per step, for the final backward of this stage. A
-  gradient buffer that reduces buckets from autograd hooks, overlapped with the backward,
-  arms itself when ``is_last`` is True and stays quiet otherwise (Megatron's ``no_sync``).
+* ``before_backward(mb, is_last)`` is called right before each microbatch's backward
+  (each chunk's, with virtual stages); ``is_last`` is True exactly once per step, for the
+  final backward of this stage. A gradient buffer that reduces buckets from autograd
+  hooks, overlapped with the backward, arms itself when ``is_last`` is True and stays
+  quiet otherwise (Megatron's ``no_sync``). Under a split-backward schedule (ZB-H1) weight
+  gradients arrive in the W steps after the last B, so no call is marked last and the
+  whole reduction runs in ``grad_sync``, after every W (no overlap with the backward).
 * ``grad_sync()`` is called exactly once per training step, after that final backward and
   after `finalize_grads` (below); it performs or completes the dp reduction (all-reduce,
   or reduce-scatter for ZeRO-2) and returns when ``.grad`` (or its buffer) is final.
@@ -46,7 +49,11 @@ once: they skip parameters for which `is_pipeline_duplicate(param)` is True.
 The executor never imports the model: a stage is any module called as
 ``stage(x, labels=..., doc_ids=...)`` that returns the hidden state, or on the last stage
 the per-token loss ``[b, s]``, and that may carry ``first_stage``/``last_stage``
-attributes (checked against the topology). `trident.model.stage.build_stage` builds one.
+attributes (checked against the topology). With virtual stages (``vpp`` > 1) it is also
+given ``chunk=c`` and holds the chunks c·pp + pp_rank; chunk 0 of the first rank takes the
+tokens, the last chunk of the last rank returns the loss. `trident.model.stage.build_stage`
+builds one. The per-step state (inboxes, outboxes, what a backward needs, the freed
+outputs, the W work) lives in `parallel.pipeline.stage_run`.
 """
 
 from __future__ import annotations
