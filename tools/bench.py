@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "train": "trident.tools.bench_train",
     "attention": "trident.tools.bench_attention",
     "memory": "trident.tools.bench_memory",
+    "stage-memory": "trident.tools.bench_stage_memory",
 }
 
 

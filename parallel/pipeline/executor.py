@@ -101,6 +101,7 @@ class PipelineResult:
     in_flight_limit: int  # the schedule's bound on that number (asserted)
     sends: int  # point-to-point operations this rank issued
     recvs: int
+    held_bytes_peak: int = 0  # most bytes of stage inputs/outputs held at once (`StageRun.held_bytes`)
 
     @property
     def loss(self) -> float:
@@ -125,6 +126,7 @@ def run_pipeline(
     label_smoothing: float = 0.0,
     reduce_loss_over_dp: bool = True,
     loss_scale: float = 1.0,
+    free_outputs: bool = True,
 ) -> PipelineResult:
     """Run one step of `schedule` on this rank's stage and return the global-batch loss.
 
@@ -146,6 +148,8 @@ def run_pipeline(
     forward_only: evaluation; no activations kept, no gradients, no hooks called.
     loss_scale: fp16 dynamic loss scale; only the back-propagated loss is multiplied by it
         (the returned loss is the true one), the optimizer unscales the gradients.
+    free_outputs: release each output's storage once sent (Megatron's deallocation); off
+        only to measure what that saves (`PipelineResult.held_bytes_peak`).
     """
     p, r, m = topo.pp, topo.pp_rank, len(microbatches)
     _check_args(model, topo, microbatches, act_shape, loss_divisor, schedule, vpp)
@@ -160,7 +164,7 @@ def run_pipeline(
         # a split backward leaves weight gradients for later Ws: no B is the last one, and
         # the dp reduction starts in grad_sync, after every W
         last_backward=None if split else next((st.key for st in reversed(steps) if st.kind == "B"), None),
-        limit=peak_in_flight(steps),
+        limit=peak_in_flight(steps), free_outputs=free_outputs,
     )
     actions = {"F": run.forward, "B": run.backward, "W": run.weight}
     for action in plan(steps, r, p, vpp):
@@ -168,6 +172,7 @@ def run_pipeline(
             run.exchange(action)
         else:
             actions[action.kind](action)
+        run.note_held()
     run.check_drained()
     if training:
         finalize_grads(model, topo)
@@ -180,6 +185,7 @@ def run_pipeline(
         in_flight_limit=run.limit if training else 0,
         sends=run.comm.sends,
         recvs=run.comm.recvs,
+        held_bytes_peak=run.held_peak,
     )
 
 

@@ -80,12 +80,12 @@ class StageRun:
         self, model: nn.Module, topo: Topology, microbatches: Sequence[Microbatch], comm: StageComm, vpp: int,
         loss_divisor: float, loss_scale: float, training: bool, split: bool,
         before_backward: Callable[[int, bool], None] | None, timeline: Timeline | None,
-        model_kw: dict[str, object], last_backward: Key | None, limit: int,
+        model_kw: dict[str, object], last_backward: Key | None, limit: int, free_outputs: bool = True,
     ) -> None:
         self.model, self.topo, self.microbatches, self.comm, self.vpp = model, topo, microbatches, comm, vpp
         self.loss_divisor, self.loss_scale, self.training, self.split = loss_divisor, loss_scale, training, split
         self.before_backward, self.timeline, self.model_kw = before_backward, timeline, model_kw
-        self.last_backward, self.limit = last_backward, limit
+        self.last_backward, self.limit, self.free_outputs = last_backward, limit, free_outputs
         self.inbox_act: dict[Key, torch.Tensor] = {}  # received activations waiting for their forward
         self.inbox_grad: dict[Key, torch.Tensor] = {}  # received gradients waiting for their backward
         self.outbox_act: dict[Key, torch.Tensor] = {}  # outputs waiting to be sent forward
@@ -93,6 +93,7 @@ class StageRun:
         self.saved: dict[Key, tuple[torch.Tensor | None, torch.Tensor]] = {}  # (input, output) for backward
         self.weight_work: dict[Key, WeightGradStore] = {}  # B done, W not yet (zero-bubble schedules)
         self.peak = 0
+        self.held_peak = 0  # most bytes of stage inputs/outputs this rank held at once (`held_bytes`)
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=topo.device)
 
     def _first(self, chunk: int) -> bool:
@@ -167,10 +168,27 @@ class StageRun:
                 self.inbox_act[recv_key["act"]] = from_prev
             if from_next is not None:
                 self.inbox_grad[recv_key["grad"]] = from_next
-            if action.wait:  # sent: the outputs' storage is no longer needed
+            if action.wait and self.free_outputs:  # sent: the outputs' storage is no longer needed
                 for k in sent_outputs:
                     if k in self.saved:
                         release(self.saved[k][1])
+
+    def held_bytes(self) -> int:
+        """Bytes this rank holds now outside autograd's saved tensors, each storage once: the
+        stage inputs and outputs (inboxes, outboxes, what forwards keep for their backward;
+        what freeing sent outputs saves) and what B's deferred weight gradients keep until
+        their W (linear inputs and output gradients, zero-bubble schedules)."""
+        seen: dict[int, int] = {}
+        pairs = [t for pair in self.saved.values() for t in pair if t is not None]
+        deferred = [t for store in self.weight_work.values() for t in store.holds]
+        for t in [*pairs, *self.inbox_act.values(), *self.inbox_grad.values(), *self.outbox_act.values(),
+                  *self.outbox_grad.values(), *deferred]:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    def note_held(self) -> None:
+        self.held_peak = max(self.held_peak, self.held_bytes())
 
     def check_drained(self) -> None:
         self.comm.wait_all()

@@ -72,7 +72,9 @@ class _GatheredLinear(torch.autograd.Function):
         # the profiler spans (`trident bench memory --trace`) show what the re-gather exposes
         shard, weight = ctx.saved_tensors
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        if ctx.needs_input_grad[1] and defer(ctx.weight, lambda: _weight_grad(grad_y, _gather_seq(shard, ctx.group, False)[0])):
+        if ctx.needs_input_grad[1] and defer(
+            ctx.weight, lambda: _weight_grad(grad_y, _gather_seq(shard, ctx.group, False)[0]), (grad_y, shard)
+        ):
             return _input_grad_scattered(grad_y, weight, ctx.group), None, grad_b, None
         full, gather = _gather_seq(shard, ctx.group, async_op=True)  # overlapped with the matmul below
         with record_function("sp_input_grad"):
@@ -111,7 +113,7 @@ class _DeferrableLinear(torch.autograd.Function):
         grad_x = grad_y.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_w = None
-        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, x)):
+        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, x), (grad_y, x)):
             grad_w = _weight_grad(grad_y, x)
         return grad_x, grad_w, grad_b
 
@@ -181,7 +183,7 @@ class _ActivationLinear(torch.autograd.Function):
         act, act_backward = ACTIVATIONS[ctx.kind]
         out, reused = act(x)  # rebuilt
         grad_w = None
-        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, act(x)[0])):
+        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, act(x)[0]), (grad_y, x)):
             grad_w = _weight_grad(grad_y, out)
         grad_x = act_backward(x, grad_y.matmul(weight), reused) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, None

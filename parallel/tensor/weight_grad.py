@@ -37,10 +37,11 @@ class WeightGradStore:
 
     def __init__(self) -> None:
         self.pending: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
+        self.holds: list[torch.Tensor] = []  # what the closures keep alive until the W
 
     def run(self) -> None:
         """The W pass: compute every deferred weight gradient and accumulate it."""
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.holds = self.pending, [], []
         for weight, compute in pending:
             with torch.no_grad():  # as inside a backward: no graph of the gradient itself
                 grad = compute()
@@ -78,7 +79,7 @@ def splitting() -> bool:
     return bool(_state["split"]) and torch.is_grad_enabled()
 
 
-def defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
+def defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor], holds: tuple[torch.Tensor, ...] = ()) -> bool:
     """Queue ``compute()`` (the gradient of `weight`) for the W pass when a B is being
     deferred, and return True; return False (compute it now) otherwise. `weight` is the
     tensor the Function received (a parameter, or a view whose graph sums replicas)."""
@@ -86,4 +87,5 @@ def defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
     if store is None or not weight.requires_grad:
         return False
     store.pending.append((weight, compute))  # type: ignore[union-attr]
+    store.holds.extend(holds)  # type: ignore[union-attr]
     return True
