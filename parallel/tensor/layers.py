@@ -190,10 +190,11 @@ class RowParallelLinear(nn.Module):
         # x: [batch, seq, in/tp] (or [batch, seq, 2*in/tp] before SwiGLU)  ->  y: [batch, seq (/tp if sp), out]
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
+        seq_group = self.group if self.sequence_parallel else None  # a deferred W keeps its shard of dY
         if activation is not None:
-            y = activation_linear(activation, x, self.weight)
+            y = activation_linear(activation, x, self.weight, seq_group)
         else:
-            y = (deferrable_linear if splitting() else F.linear)(x, self.weight)
+            y = deferrable_linear(x, self.weight, None, seq_group) if splitting() else F.linear(x, self.weight)
         y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y + self.bias if self.bias is not None else y
 
@@ -259,7 +260,7 @@ class VocabParallelEmbedding(nn.Module):
         # x: [batch, seq (/tp if sequence parallel), hidden]  ->  [batch, seq, padded_vocab/tp] (tp > 1)
         #                                                       or [batch, seq, vocab] (tp = 1)
         if self.sequence_parallel:
-            return gathered_linear(x, self.weight, None, self.group)
+            return gathered_linear(x, self.weight, None, self.group, deferrable=False)
         x = copy_to_tp(x, self.group)
         if self.local_size == self.padded_size and self.padded_size > self.vocab_size:
             return F.linear(x, self.weight[: self.vocab_size])

@@ -40,7 +40,7 @@ from torch.profiler import record_function
 from trident.parallel.collectives import Group, all_gather_single, reduce_scatter_single
 from trident.parallel.tensor.mappings import SEQ_DIM
 from trident.parallel.tensor.weight_grad import defer
-from trident.parallel.topology import group_size
+from trident.parallel.topology import group_rank, group_size
 
 
 def _weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -59,12 +59,12 @@ def _gather_seq(shard: torch.Tensor, group: Group, async_op: bool):
 
 class _GatheredLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, weight, bias, group):  # type: ignore[override]
+    def forward(ctx, shard, weight, bias, group, deferrable):  # type: ignore[override]
         with record_function("sp_gather_forward"):  # the same gather, blocking: what overlap saves
             full, _ = _gather_seq(shard, group, async_op=False)
         ctx.group, ctx.has_bias = group, bias is not None
         ctx.save_for_backward(shard, weight)  # the shard, not the gather
-        ctx.weight = weight  # the tensor itself, for a deferred W (see `defer`)
+        ctx.weight = weight if deferrable else None  # the tensor itself, for a deferred W (see `defer`)
         return F.linear(full, weight, bias)
 
     @staticmethod
@@ -72,10 +72,10 @@ class _GatheredLinear(torch.autograd.Function):
         # the profiler spans (`trident bench memory --trace`) show what the re-gather exposes
         shard, weight = ctx.saved_tensors
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        if ctx.needs_input_grad[1] and defer(
+        if ctx.needs_input_grad[1] and ctx.weight is not None and defer(
             ctx.weight, lambda: _weight_grad(grad_y, _gather_seq(shard, ctx.group, False)[0]), (grad_y, shard)
         ):
-            return _input_grad_scattered(grad_y, weight, ctx.group), None, grad_b, None
+            return _input_grad_scattered(grad_y, weight, ctx.group), None, grad_b, None, None
         full, gather = _gather_seq(shard, ctx.group, async_op=True)  # overlapped with the matmul below
         with record_function("sp_input_grad"):
             grad_full = grad_y.matmul(weight)  # [b, s, in]: needs only the weight
@@ -88,7 +88,7 @@ class _GatheredLinear(torch.autograd.Function):
             grad_w = _weight_grad(grad_y, full) if ctx.needs_input_grad[1] else None
         with record_function("sp_reduce_scatter_wait"):
             scatter.wait()
-        return grad_shard.movedim(0, SEQ_DIM), grad_w, grad_b, None
+        return grad_shard.movedim(0, SEQ_DIM), grad_w, grad_b, None, None
 
 
 def _input_grad_scattered(grad_y: torch.Tensor, weight: torch.Tensor, group: Group) -> torch.Tensor:
@@ -101,8 +101,8 @@ def _input_grad_scattered(grad_y: torch.Tensor, weight: torch.Tensor, group: Gro
 
 class _DeferrableLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):  # type: ignore[override]
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, weight, bias, seq_group):  # type: ignore[override]
+        ctx.has_bias, ctx.seq_group = bias is not None, seq_group
         ctx.save_for_backward(x, weight)
         ctx.weight = weight  # the tensor itself, for a deferred W (see `defer`)
         return F.linear(x, weight, bias)
@@ -112,28 +112,50 @@ class _DeferrableLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_y.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        kept, whole = _kept_output_grad(grad_y, ctx.seq_group)
         grad_w = None
-        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, x), (grad_y, x)):
+        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(whole(), x), (kept, x)):
             grad_w = _weight_grad(grad_y, x)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` whose weight gradient a split backward can defer to its W."""
+def deferrable_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, seq_group: Group | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose weight gradient a split backward can defer to its W.
+    `seq_group`: the tp group when the output is reduce-scattered over the sequence next
+    (a row-parallel linear under sequence parallelism; see `_kept_output_grad`)."""
     # x: [b, s, in]  ->  [b, s, out]
-    return _DeferrableLinear.apply(x, weight, bias)
+    return _DeferrableLinear.apply(x, weight, bias, seq_group)
 
 
-def gathered_linear(shard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group) -> torch.Tensor:
+def gathered_linear(
+    shard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group, deferrable: bool = True
+) -> torch.Tensor:
     """``F.linear(all_gather_seq(shard), weight, bias)``, saving only the shard for backward.
 
     Backward: the input's gradient is reduce-scattered back to sequence shards (every rank's
     full-sequence copy fed a different weight shard), as `gather_from_sp`'s would be.
+    `deferrable=False` keeps the weight gradient in B even in a split backward (the output
+    head: its W would keep a logits-sized output gradient until the W).
     """
     # shard: [b, s/tp, in]  ->  [b, s, out/tp]
     if group_size(group) == 1:
         return F.linear(shard, weight, bias)
-    return _GatheredLinear.apply(shard, weight, bias, group)
+    return _GatheredLinear.apply(shard, weight, bias, group, deferrable)
+
+
+def _kept_output_grad(grad_y: torch.Tensor, seq_group: Group | None) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """What a deferred W keeps of a row-parallel linear's output gradient, and how it gets
+    the whole back: under sequence parallelism the gradient arrives all-gathered ([b, s,
+    h], not divided by tp), so only this rank's sequence shard is kept and the W
+    all-gathers it again (every tp rank runs the same W at the same step)."""
+    if seq_group is None or group_size(seq_group) == 1:
+        return grad_y, lambda: grad_y
+    n, rank = group_size(seq_group), group_rank(seq_group)
+    part = grad_y.shape[SEQ_DIM] // n
+    shard = grad_y.narrow(SEQ_DIM, rank * part, part).contiguous()  # [b, s/tp, h]
+    return shard, lambda: _gather_seq(shard, seq_group, False)[0]
 
 
 def _swiglu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,8 +194,8 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 
 class _ActivationLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, kind):  # type: ignore[override]
-        ctx.kind, ctx.weight = kind, weight  # the weight itself, for a deferred W (see `defer`)
+    def forward(ctx, x, weight, kind, seq_group):  # type: ignore[override]
+        ctx.kind, ctx.weight, ctx.seq_group = kind, weight, seq_group  # the weight itself, for a deferred W
         ctx.save_for_backward(x, weight)  # not the activation's output: rebuilt in backward
         return F.linear(ACTIVATIONS[kind][0](x)[0], weight)
 
@@ -182,17 +204,18 @@ class _ActivationLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         act, act_backward = ACTIVATIONS[ctx.kind]
         out, reused = act(x)  # rebuilt
+        kept, whole = _kept_output_grad(grad_y, ctx.seq_group)
         grad_w = None
-        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(grad_y, act(x)[0]), (grad_y, x)):
+        if ctx.needs_input_grad[1] and not defer(ctx.weight, lambda: _weight_grad(whole(), act(x)[0]), (kept, x)):
             grad_w = _weight_grad(grad_y, out)
         grad_x = act_backward(x, grad_y.matmul(weight), reused) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
-def activation_linear(kind: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def activation_linear(kind: str, x: torch.Tensor, weight: torch.Tensor, seq_group: Group | None = None) -> torch.Tensor:
     """``F.linear(act(x), weight)`` for an activation of `ACTIVATIONS`, keeping `x` (not
-    ``act(x)``) for backward."""
+    ``act(x)``) for backward. `seq_group` as for `deferrable_linear`."""
     # x: [b, s, 2f] (swiglu) or [b, s, f] (gelu)  ->  [b, s, out]
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return F.linear(ACTIVATIONS[kind][0](x)[0], weight)
-    return _ActivationLinear.apply(x, weight, kind)
+    return _ActivationLinear.apply(x, weight, kind, seq_group)
