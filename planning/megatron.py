@@ -9,13 +9,17 @@ correction)::
     per layer   = s·b·h · (18 + 4·f/h)                       (attention 11, norms 4, MLP 2 + 4f/h, masks 1)
     layers      = per layer · L                              (stage 0 holds pp microbatches of L/pp layers)
     + 8·s·b·pp  + s·b·h·pp                                   (embedding input ids and dropout mask)
-    · min(1, m/pp)                                           (1F1B with fewer microbatches than stages)
+    · (1 + (pp - 1)/(pp·v))        with v virtual stages     (interleaved: its in-flight penalty)
+    · min(1, m/pp)                 otherwise                 (1F1B with fewer microbatches than stages)
     + s·b·h · 4 · (1 + V/h)          only when pp = 1        (final norm, head input, fp32 logits)
     all / tp
 
 with V the padded vocabulary. `megatron_activation_bytes` evaluates exactly that for a
-trident layout (the interleaved-schedule penalty does not apply: trident has no virtual
-stages yet). trident's own count, tensor by tensor, is `trident.planning.plan_memory`.
+trident layout; the interleaved penalty applies to ``pp_schedule: interleaved`` (rank 0
+holds (pp-1)·2 + (v-1)·pp + 1 chunk-microbatches of L/(pp·v) layers: L·(1 + (pp-1)/(pp·v))
+layers' worth). Megatron has no ZB-H1 term; its 1F1B figure is what ZB-H1 keeps in saved
+tensors. trident's own count, tensor by tensor and along the schedule's step list, is
+`trident.planning.plan_memory` and `trident.planning.plan_pipeline`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ def megatron_activation_bytes(cfg: ModelConfig, st: Settings) -> float:
     s, b, h, pp = st.seq_len, st.micro_batch_size, cfg.hidden, st.pp
     total = s * b * h * (18 + 4 * cfg.ffn / h) * cfg.n_layers
     total += 8 * s * b * pp + s * b * h * pp
-    if pp > 1:
+    if st.schedule == "interleaved":
+        total *= 1 + (pp - 1) / (pp * st.vpp)
+    elif pp > 1:
         total *= min(1.0, st.microbatches / pp)
     else:
         vocab = padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple, st.tp)

@@ -1,8 +1,8 @@
 """What a prediction takes and what it gives: `Settings` in, `StagePlan` and `Plan` out.
 
 These are plain records, kept apart from the arithmetic so that the memory model
-(`trident.planning.plan_memory`), the cost model (`trident.planning.plan_cost`) and the
-planner that composes them (`trident.planning.planner`) can all name them without
+(`trident.planning.plan_memory`, `trident.planning.plan_pipeline`), the cost model
+(`trident.planning.plan_cost`) and the planner that composes them (`trident.planning.planner`) can all name them without
 importing one another. The derived figures a reader of `trident plan` sees (peak bytes,
 tokens/s, MFU, whether a layout fits) are properties here, computed from the records.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trident.planning.devices import Device
-from trident.planning.plan_memory import ActivationBytes, StateBytes
+from trident.planning.plan_memory import StateBytes
+from trident.planning.plan_pipeline import ActivationBytes
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class Settings:
     global_batch_size: int
     sequence_parallel: bool
     dtype: str
-    schedule: str = "1f1b"
+    schedule: str = "1f1b"  # parallel.pp_schedule
+    vpp: int = 1  # virtual stages (chunks) per pipeline rank
     split: tuple[int, ...] | None = None
     bucket_mb: float = 25.0
     doc_masking: bool = True
@@ -53,9 +55,13 @@ class StagePlan:
     """One rank of pipeline stage `stage` (every tp and dp rank of a stage holds the same)."""
 
     stage: int
-    layers: range
+    chunks: tuple[range, ...]  # its layers, one range per virtual stage (one without interleaving)
     state: StateBytes
     activations: ActivationBytes
+
+    @property
+    def layers(self) -> list[int]:
+        return [i for chunk in self.chunks for i in chunk]
 
     @property
     def param_bytes(self) -> int:
@@ -74,14 +80,20 @@ class StagePlan:
         return self.activations.peak
 
     @property
+    def measurable_activation_bytes(self) -> int:
+        """What the saved-tensors meter measures: the peak without the W closures a split
+        backward keeps (plain references, not saved tensors); the peak otherwise."""
+        return self.activations.saved_peak
+
+    @property
     def measurable_bytes(self) -> int:
         """What a rank's `MemoryReport.total_bytes` measures: state plus saved activations."""
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.measurable_activation_bytes
 
     @property
     def peak_bytes(self) -> int:
-        """The step's peak: the full gradient buffer during backward, and the stage
-        inputs/outputs the pipeline executor holds besides autograd's saved tensors."""
+        """The step's peak: the full gradient buffer during backward, the W closures of a
+        split backward, and the transfers the pipeline executor holds besides."""
         return (self.param_bytes + self.state.grad_peak_bytes + self.optimizer_bytes + self.activation_bytes
                 + self.activations.pipeline_buffer)
 

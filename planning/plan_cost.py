@@ -8,7 +8,8 @@ here, that can be read and changed without touching the memory accounting:
   selective: the attention scores and weighted sum).
 * Bytes each rank sends per step in each group: tp (the layers' all-reduces, or
   all-gathers and reduce-scatters under sequence parallelism, forward and backward,
-  again for a full recomputation), pp (activations forward, gradients backward), dp
+  again for a full recomputation), pp (activations forward, gradients backward, once
+  per chunk: v times as many under the interleaved schedule), dp
   (gradient all-reduce at ZeRO-0; reduce-scatter plus the parameter all-gather at
   ZeRO-1/2), and the tied-embedding gradient sum between first and last stage. Ring
   algorithms: an all-reduce of n bytes over g ranks sends 2 (g-1)/g n per rank, an
@@ -16,15 +17,19 @@ here, that can be read and changed without touching the memory accounting:
 * A step time from a roofline with the declared device figures
   (`trident.planning.devices`): each stage's microbatch takes max(FLOPs / achievable
   peak, bytes / memory bandwidth) plus its tp and pp transfers (on NVLink inside a node,
-  the network across nodes; Megatron's rank order keeps tp innermost), the 1F1B pipeline
-  runs (m + pp - 1) slots of the slowest stage, the dp reduction is exposed beyond the
-  last microbatch's backward, and the optimizer streams its state once. It is a model,
-  not a measurement: use it to rank layouts.
+  the network across nodes; Megatron's rank order keeps tp innermost), the pipeline
+  takes its schedule's ideal time on the slowest stage's costs
+  (`trident.parallel.pipeline.schedule.ideal_time`: 1F1B and GPipe (m + pp - 1) slots,
+  interleaved (m·v + pp - 1)/v, ZB-H1 m slots + (pp - 1) forwards, its W being the
+  weight-gradient matmuls), the dp reduction is exposed beyond the last microbatch's
+  backward, and the optimizer streams its state once. It is a model, not a measurement:
+  use it to rank layouts.
 """
 
 from __future__ import annotations
 
 from trident.model.config import ModelConfig
+from trident.parallel.pipeline.schedule import ideal_time
 from trident.parallel.tensor.layers import padded_vocab_size
 from trident.planning.devices import Device
 from trident.planning.plan import Settings, StagePlan
@@ -104,7 +109,9 @@ def comm_bytes(model: ModelConfig, st: Settings, stages: list[StagePlan]) -> dic
     out: dict[str, float] = {}
     out["tp"] = max(_tp_bytes_per_microbatch(model, st, s)[0] for s in stages) * m
     act = _boundary_bytes(model, st)
-    out["pp"] = (2 if st.pp > 2 else 1) * m * act if st.pp > 1 else 0.0
+    # a middle rank sends each chunk's activation on and its gradient back; at pp = 2 the
+    # first virtual stage sends no gradient and the last no activation (same rank pair)
+    out["pp"] = (2 * st.vpp - (1 if st.pp == 2 else 0)) * m * act if st.pp > 1 else 0.0
     dp = 0.0
     for s in stages:
         grads = s.state.padded_numel * 4
@@ -138,8 +145,7 @@ def step_time(
     tp_bw = _bandwidth(device, st.tp)
     dp_bw = _bandwidth(device, st.tp * st.dp)
     pp_bw = _bandwidth(device, st.world)
-    slot = 0.0
-    compute = 0.0
+    slot = compute = forward = weight = 0.0
     for s in stages:
         flops = _stage_flops_per_microbatch(model, st, s)
         # weights read in forward and twice in backward, fp32 gradients accumulated, the
@@ -149,15 +155,27 @@ def step_time(
         work = max(flops / peak, traffic / hbm)
         tp_b, tp_calls = _tp_bytes_per_microbatch(model, st, s)
         link = tp_b / tp_bw + tp_calls * lat
-        if st.pp > 1:
+        if st.pp > 1:  # an activation and a gradient per chunk
             act = _boundary_bytes(model, st)
-            link += 2 * (act / pp_bw + lat)
+            link += 2 * st.vpp * (act / pp_bw + lat)
         if work + link > slot:
             slot, compute = work + link, work
-    pipeline = (m + st.pp - 1) * slot if st.schedule in ("1f1b", "gpipe") else m * slot
+            # the slot's shares by FLOPs: forward, and the weight-gradient matmuls (ZB-H1's W)
+            fwd, w = _forward_and_weight_flops(model, st)
+            forward, weight = slot * fwd, slot * w
+    pipeline = ideal_time(st.pp, m, forward, slot - forward, st.schedule, st.vpp, t_weight=weight)
     dp_time = comm["dp"] / dp_bw + (2 * lat * max(1, len(stages)) if st.dp > 1 else 0.0)
     if st.overlap_grad_reduce:
         dp_time = max(0.0, dp_time - 2.0 / 3.0 * compute)  # hidden behind the last backward
     optimizer = max((s.optimizer_bytes + s.state.grad_bytes) * 2 / hbm for s in stages)
     total = pipeline + dp_time + optimizer
-    return total, {"pipeline": pipeline, "bubble": (st.pp - 1) * slot, "dp_exposed": dp_time, "optimizer": optimizer}
+    parts = {"pipeline": pipeline, "bubble": pipeline - m * slot, "dp_exposed": dp_time, "optimizer": optimizer}
+    return total, parts
+
+
+def _forward_and_weight_flops(model: ModelConfig, st: Settings) -> tuple[float, float]:
+    """The forward's and the weight gradients' shares of a layer's training FLOPs."""
+    matmul = 2.0 * _layer_matmul_params(model)  # per token, forward
+    forward = matmul + 4.0 * model.hidden * st.seq_len
+    total = 3.0 * forward + recompute_flops_per_token(model, st) / model.n_layers
+    return forward / total, matmul / total

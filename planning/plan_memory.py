@@ -11,12 +11,10 @@ Nothing here allocates a model. Two parts, each written to agree with the code i
   exp_avg_sq (+ an fp32 master when the model is not fp32) for the owned shard.
 
 * **Activations.** What autograd saves for backward, tensor by tensor (counted by
-  storage, as `trident.training.memory.ActivationMeter` counts), for one microbatch,
-  then the peak of a step under the pipeline schedule: stage r of a 1F1B pipeline holds
-  ``k = min(pp - r, m)`` microbatches at once (GPipe: all m), so its peak is
-  ``(k - 1) * A + peak(one microbatch)``, where the one microbatch being back-propagated
-  may briefly hold more than A: the layer (full) or attention core (selective) that
-  recomputation rebuilds, while what backward already passed has been freed.
+  storage, as `trident.training.memory.ActivationMeter` counts), for one microbatch
+  through one layer, and what every chunk of layers adds (embedding, head, shared
+  tables). `trident.planning.plan_pipeline` turns that into a rank's peak under its
+  pipeline schedule, walking the schedule's own step list.
 
   Per layer, without recomputation, the saved tensors are: each norm's input (compute
   dtype) and fp32 per-row statistics; the input of every matmul (qkv, attention
@@ -43,8 +41,8 @@ Nothing here allocates a model. Two parts, each written to agree with the code i
   bool), and CPU SDPA falls back to the unfused kernel when attention dropout is on.
 
 Not counted (as the meter does not count them): temporaries that live within one op,
-gradients in flight during backward, communication buffers, and the stage inputs and
-outputs the pipeline executor holds (reported separately as `pipeline_buffer_bytes`).
+gradients in flight during backward, communication buffers, and the tensors the pipeline
+executor holds in transit (`plan_pipeline.pipeline_buffer_bytes`).
 """
 
 from __future__ import annotations
@@ -68,10 +66,19 @@ class ParamSpec:
     deferred: bool  # reduced after finalisation (tp-partial or pipeline-tied): its own buckets
 
 
+def rank_chunks(n_layers: int, pp: int, stage: int, split: Sequence[int] | None = None, vpp: int = 1) -> list[range]:
+    """The layer ranges of the chunks rank `stage` holds: with `vpp` virtual stages per rank
+    the layers are split into pp·vpp contiguous chunks and chunk c of rank r is virtual
+    stage c·pp + r (rank r holds chunks r, r+pp, ...); with vpp = 1 its one stage."""
+    ranges = stage_layers(n_layers, pp * vpp, split)
+    return [ranges[c * pp + stage] for c in range(vpp)]
+
+
 def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int, sequence_parallel: bool = False,
-                 split: Sequence[int] | None = None) -> list[ParamSpec]:
-    """This stage's trainable parameters on one tp rank, in `GPT.named_parameters()` order."""
-    layers = stage_layers(cfg.n_layers, pp, split)[stage]
+                 split: Sequence[int] | None = None, vpp: int = 1) -> list[ParamSpec]:
+    """This rank's trainable parameters on one tp rank, in `GPT.named_parameters()` order
+    (one module over the union of its chunks' layers, embedding first, head last)."""
+    layers = [i for chunk in rank_chunks(cfg.n_layers, pp, stage, split, vpp) for i in chunk]
     first, last = stage == 0, stage == pp - 1
     sp = sequence_parallel and tp > 1
     h, hd = cfg.hidden, cfg.head_dim
@@ -325,42 +332,3 @@ def head_bytes(x: Shapes) -> int:
         vocab = padded_vocab_size(c.vocab_size, c.vocab_pad_multiple, x.tp) // x.tp
         loss = 4 * b * s * vocab + 9 * b * s
     return _norm_bytes(x, b * x.sr, c.hidden) + x.e * b * x.sr * c.hidden + loss
-
-
-@dataclass(frozen=True)
-class ActivationBytes:
-    per_microbatch: int  # A: what one microbatch keeps from its forward to its backward
-    in_flight: int  # k: microbatches held at once by this stage
-    peak: int  # (k - 1) * A + the one microbatch's peak through its backward
-    pipeline_buffer: int  # stage inputs/outputs the executor holds (not saved by autograd)
-
-
-def stage_activation_bytes(
-    x: Shapes, n_layers: int, first: bool, last: bool, in_flight: int, recompute: str
-) -> ActivationBytes:
-    """A stage's activation peak for a step with `in_flight` microbatches held at once."""
-    layer = layer_bytes(x, recompute)
-    per_layer = sum(layer.values())
-    head = head_bytes(x) if last else 0
-    a = n_layers * per_layer + shared_bytes(x, recompute) + (embedding_bytes(x) if first else 0) + head
-    # the first backward of a microbatch walks the stage's last layer first: what it frees
-    # before the recomputation there, and what the recomputation adds
-    if recompute == "full":
-        # the kept block input is saved as it is (by the first norm, or post-norm by the qkv)
-        rebuilt = sum(layer_bytes(x, "none").values()) - x.e * x.b * x.sr * x.cfg.hidden
-        during = a - head + rebuilt
-    elif recompute == "selective":
-        freed = layer["mlp"] + layer["linear_inputs"] // 2 + layer["attention_output"] + layer["norms"] // 2
-        freed += layer.get("dropout_masks", 0)
-        rebuilt = attention_core_bytes(x)
-        if not x.fused_attention:  # the output copy is the projection's, not rebuilt here
-            rebuilt -= x.e * x.b * x.s * x.heads * x.cfg.head_dim
-        during = a - head - freed + rebuilt
-    else:
-        during = a
-    one = max(a, during)
-    buffers = 0
-    if not last:
-        buffers += in_flight * x.e * x.b * x.sr * x.cfg.hidden  # outputs kept for their backward
-    return ActivationBytes(per_microbatch=a, in_flight=in_flight, peak=(in_flight - 1) * a + one,
-                           pipeline_buffer=buffers)

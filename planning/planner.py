@@ -4,11 +4,12 @@ The two entry points of `trident plan`:
 
 * `make_plan` predicts one layout from the config alone (no model is built, nothing is
   allocated): per pipeline stage, each rank's parameters, gradients, optimizer state and
-  peak activations (`trident.planning.plan_memory`, checked against measured steps by
-  tests/test_memory_plan.py), and the peak total, which counts the full fp32 gradient
-  buffer at ZeRO-2 too (it lives through the backward passes of a step); then the step's
-  FLOPs, the bytes each rank sends in each group and a roofline step time
-  (`trident.planning.plan_cost`) on a declared device (`trident.planning.devices`).
+  peak activations under the pipeline schedule (`trident.planning.plan_memory`, walked
+  along each rank's step list by `trident.planning.plan_pipeline`; checked against
+  measured steps by tests/test_memory_plan.py), and the peak total, which counts the
+  full fp32 gradient buffer at ZeRO-2 too (it lives through the backward passes of a
+  step); then the step's FLOPs, the bytes each rank sends in each group and a roofline
+  step time (`trident.planning.plan_cost`) on a declared device (`trident.planning.devices`).
 * `search` enumerates every layout of N devices the model allows, keeps those whose
   every stage fits the device memory, and orders them by predicted tokens/s.
 
@@ -21,11 +22,13 @@ import dataclasses
 
 from trident.errors import UserError
 from trident.model.config import ModelConfig
+from trident.parallel.pipeline.schedule import SCHEDULES, check_layout
 from trident.parallel.pipeline.stages import stage_layers
 from trident.planning.devices import Device, get_device
 from trident.planning.plan import Plan, Settings, StagePlan
 from trident.planning.plan_cost import comm_bytes, recompute_flops_per_token, step_time
-from trident.planning.plan_memory import DTYPE_BYTES, Shapes, stage_activation_bytes, stage_params, state_bytes
+from trident.planning.plan_memory import DTYPE_BYTES, Shapes, rank_chunks, stage_params, state_bytes
+from trident.planning.plan_pipeline import rank_activation_bytes
 from trident.training.config import RECOMPUTE, Config
 from trident.training.metrics import flops_per_token
 
@@ -36,7 +39,7 @@ def settings_from_config(cfg: Config, **overrides: object) -> Settings:
     values = dict(
         tp=p.tp, pp=p.pp, dp=p.dp or 1, zero=cfg.optim.zero, recompute=t.recompute,
         micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size,
-        sequence_parallel=p.sequence_parallel, dtype=t.dtype, schedule=p.pp_schedule,
+        sequence_parallel=p.sequence_parallel, dtype=t.dtype, schedule=p.pp_schedule, vpp=p.vpp,
         split=tuple(p.pp_split) if p.pp_split else None, bucket_mb=cfg.optim.bucket_mb,
         doc_masking=cfg.data.doc_masking, overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
     )
@@ -57,7 +60,6 @@ def check(model: ModelConfig, st: Settings) -> None:
     if st.dtype not in DTYPE_BYTES:
         raise UserError(f"dtype is {st.dtype!r}; valid values are {', '.join(DTYPE_BYTES)}")
     model.check_tp(st.tp)
-    stage_layers(model.n_layers, st.pp, st.split)
     if st.seq_len > model.max_seq_len:
         raise UserError(f"seq_len={st.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     per_step = st.micro_batch_size * st.dp
@@ -68,6 +70,15 @@ def check(model: ModelConfig, st: Settings) -> None:
         )
     if st.sp and st.seq_len % st.tp != 0:
         raise UserError(f"seq_len={st.seq_len} is not divisible by tp={st.tp} (sequence parallelism)")
+    if st.schedule not in SCHEDULES:
+        raise UserError(f"unknown pipeline schedule {st.schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
+    check_layout(st.schedule, st.pp, st.microbatches, st.vpp)
+    if st.pp * st.vpp > model.n_layers and st.vpp > 1:
+        raise UserError(
+            f"pp={st.pp} x parallel.vpp={st.vpp} = {st.pp * st.vpp} pipeline stages is more than "
+            f"model.n_layers={model.n_layers}; every stage needs at least one layer"
+        )
+    stage_layers(model.n_layers, st.pp * st.vpp, st.split)
 
 
 def make_plan(model: ModelConfig, st: Settings, device: Device | str = "H100") -> Plan:
@@ -77,12 +88,12 @@ def make_plan(model: ModelConfig, st: Settings, device: Device | str = "H100") -
     m = st.microbatches
     shapes = Shapes(model, st.micro_batch_size, st.seq_len, st.tp, st.sp, st.dtype, device.kind, st.doc_masking)
     stages = []
-    for r, layers in enumerate(stage_layers(model.n_layers, st.pp, st.split)):
-        params = stage_params(model, st.tp, st.pp, r, st.sequence_parallel, st.split)
+    for r in range(st.pp):
+        chunks = rank_chunks(model.n_layers, st.pp, r, st.split, st.vpp)
+        params = stage_params(model, st.tp, st.pp, r, st.sequence_parallel, st.split, st.vpp)
         state = state_bytes(params, st.dp, st.zero, st.dtype, st.bucket_mb)
-        in_flight = min(st.pp - r, m) if st.schedule == "1f1b" else m
-        act = stage_activation_bytes(shapes, len(layers), r == 0, r == st.pp - 1, in_flight, st.recompute)
-        stages.append(StagePlan(r, layers, state, act))
+        act = rank_activation_bytes(shapes, st.schedule, st.pp, r, m, chunks, st.recompute)
+        stages.append(StagePlan(r, tuple(chunks), state, act))
     tokens = st.global_batch_size * st.seq_len
     model_flops = flops_per_token(model, st.seq_len) * tokens
     hardware_flops = model_flops + recompute_flops_per_token(model, st) * tokens
@@ -120,7 +131,9 @@ def search(
 
     For each (tp, pp, dp), sequence parallelism is on when tp > 1 (it only saves memory
     and moves the same bytes), and, unless `recompute_fixed`, the fastest recomputation
-    mode that fits is chosen. Layouts the batch cannot be split over are skipped.
+    mode that fits is chosen. Layouts the batch cannot be split over, or the schedule cannot
+    run (interleaved with fewer layers than pp·vpp, or microbatches not a multiple of pp),
+    are skipped; at pp = 1 the schedule is moot and 1F1B is used.
     """
     if not isinstance(devices, int) or devices < 1:
         raise UserError(f"devices must be a whole number >= 1, got {devices!r}")
@@ -132,6 +145,8 @@ def search(
         for mode in modes:
             st = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, recompute=mode, sequence_parallel=tp > 1,
                                      split=base.split if pp == base.pp else None)
+            if pp == 1:
+                st = dataclasses.replace(st, schedule="1f1b", vpp=1)
             try:
                 plan = make_plan(model, st, device)
             except UserError:

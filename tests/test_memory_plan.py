@@ -7,12 +7,17 @@ Each case builds a rank's stage and optimizer as the trainer does (`build_stage`
 activation peak within 1%, and its parameter, gradient and optimizer bytes exactly
 (they mirror `DistributedOptimizer.memory()`, bucket padding and ZeRO included). Layouts
 (1,1,1), (2,1,1) and (4,1,1) with sequence parallelism, (1,2,1) under 1F1B (where the
-first stage, holding two microbatches, must hold the most) and GPipe, and (1,1,2), at ZeRO 0, 1 and 2, with each
-recomputation mode, fp32 and bf16, packed documents and small buckets.
+first stage, holding two microbatches, must hold the most), GPipe, interleaved (two chunks
+per rank) and ZB-H1, (2,2,1) interleaved and ZB-H1 with sequence parallelism, and (1,1,2),
+at ZeRO 0, 1 and 2, each recomputation mode, fp32 and bf16, packed documents, small
+buckets. ZB-H1's W closures are plain references the meter cannot see: its step runs
+again with each closure's tensors counted as saved (`_count_closures`), against the
+planner's whole peak (the first run against its saved-tensors peak).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -26,7 +31,14 @@ CASES = {
     (4, 1, 1): [dict(zero=1, recompute="selective", m=1, sp=True, dtype="bf16"),
                 dict(zero=0, recompute="none", m=1, sp=True, kv=2)],
     (1, 2, 1): [dict(zero=0, recompute="selective", m=3), dict(zero=1, recompute="none", m=4, bucket_mb=0.05),
-                dict(zero=0, recompute="full", m=3, schedule="gpipe")],
+                dict(zero=0, recompute="full", m=3, schedule="gpipe"),
+                dict(zero=1, recompute="none", m=4, schedule="interleaved", vpp=2),
+                dict(zero=0, recompute="selective", m=4, schedule="interleaved", vpp=2, dtype="bf16"),
+                dict(zero=1, recompute="none", m=3, schedule="zb-h1"),
+                dict(zero=0, recompute="full", m=4, schedule="zb-h1", dtype="bf16")],
+    (2, 2, 1): [dict(zero=1, recompute="selective", m=4, sp=True, schedule="interleaved", vpp=2),
+                dict(zero=1, recompute="none", m=4, sp=True, schedule="zb-h1", packed=True),
+                dict(zero=0, recompute="selective", m=4, sp=True, schedule="zb-h1", dtype="bf16")],
     (1, 1, 2): [dict(zero=1, recompute="none", m=2, bucket_mb=0.05), dict(zero=2, recompute="selective", m=1)],
 }
 
@@ -46,8 +58,31 @@ def _settings(layout: tuple[int, int, int], case: dict):
         tp=tp, pp=pp, dp=dp, zero=case["zero"], recompute=case["recompute"], micro_batch_size=MBS, seq_len=SEQ,
         global_batch_size=case["m"] * MBS * dp, sequence_parallel=case.get("sp", False),
         dtype=case.get("dtype", "fp32"), bucket_mb=case.get("bucket_mb", 25.0), doc_masking=case.get("packed", False),
-        schedule=case.get("schedule", "1f1b"),
+        schedule=case.get("schedule", "1f1b"), vpp=case.get("vpp", 1),
     )
+
+
+@contextlib.contextmanager
+def _count_closures(meter):
+    """While on, `meter` counts the tensors each deferred W closure holds (the input and the
+    output gradient of a tensor-parallel linear, `lean_linear`'s `holds`) as if autograd
+    saved them, by storage, until the closure runs: what a rank keeps between a B and its W."""
+    from trident.parallel.tensor import lean_linear
+
+    original = lean_linear.defer
+
+    def defer(weight, compute, holds=()):
+        kept = [meter._pack(t) for t in holds]
+        deferred = original(weight, lambda: (compute(), kept.clear())[0], holds)  # released as the W runs
+        if not deferred:
+            kept.clear()
+        return deferred
+
+    lean_linear.defer = defer
+    try:
+        yield
+    finally:
+        lean_linear.defer = original
 
 
 def _measure(layout: list[int], cases: list[dict]) -> list[dict]:
@@ -71,7 +106,7 @@ def _measure(layout: list[int], cases: list[dict]) -> list[dict]:
         cfg = _model(case)
         st = _settings((tp, pp, dp), case)
         model = build_stage(cfg, topo, sequence_parallel=st.sequence_parallel, rng=RNGStreams(0, topo),
-                            dtype=parse_dtype(st.dtype), recompute=st.recompute)
+                            dtype=parse_dtype(st.dtype), recompute=st.recompute, vpp=st.vpp)
         model.init_weights(0)
         model.train()
         opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=st.zero, bucket_mb=st.bucket_mb),
@@ -84,19 +119,26 @@ def _measure(layout: list[int], cases: list[dict]) -> list[dict]:
             data["doc_ids"] = (torch.rand(rows, SEQ, generator=gen) < 0.1).long().cumsum(1)
         first = topo.dp_rank * case["m"] * MBS
         micros = [{k: v[first + i * MBS : first + (i + 1) * MBS] for k, v in data.items()} for i in range(case["m"])]
-        opt.zero_grad()
-        with ActivationMeter(model) as meter:
-            run_pipeline(model, topo, micros, act_shape=activation_shape(MBS, SEQ, cfg.hidden, tp, st.sequence_parallel),
-                         loss_divisor=float(rows * SEQ), grad_sync=opt.grad_sync, before_backward=opt.before_backward,
-                         schedule=st.schedule)
+
+        def step(closures: bool) -> int:
+            opt.zero_grad()
+            with ActivationMeter(model) as meter, _count_closures(meter) if closures else contextlib.nullcontext():
+                run_pipeline(model, topo, micros, act_shape=activation_shape(MBS, SEQ, cfg.hidden, tp, st.sp),
+                             loss_divisor=float(rows * SEQ), grad_sync=opt.grad_sync,
+                             before_backward=opt.before_backward, schedule=st.schedule, vpp=st.vpp)
+            assert meter.live_bytes == 0
+            return meter.peak_bytes
+
+        peak = step(False)
         assert opt.step().stepped
-        measured = rank_memory(model, opt, meter.peak_bytes, meter.source)
+        measured = rank_memory(model, opt, peak, "saved-tensors")
         planned = make_plan(cfg, st, "cpu").stages[topo.pp_rank]
         out.append({
             "case": case, "rank": topo.rank, "stage": topo.pp_rank,
             "measured": measured.values(),
-            "planned": [planned.param_bytes, planned.grad_bytes, planned.optimizer_bytes, planned.activation_bytes,
-                        planned.measurable_bytes],
+            "planned": [planned.param_bytes, planned.grad_bytes, planned.optimizer_bytes,
+                        planned.measurable_activation_bytes, planned.measurable_bytes],
+            "with_w": [step(True), planned.activation_bytes] if st.schedule == "zb-h1" else None,
         })
     return out
 
@@ -120,6 +162,10 @@ def test_planner_predicts_each_rank(dist_pool, layout):
             for key in ("activations", "total"):
                 err = want[key] / got[key] - 1
                 assert abs(err) <= 0.01, f"{where}: {key} planned {want[key]} vs measured {got[key]} ({err:+.1%})"
+            if row["with_w"]:  # saved tensors and W closures together
+                got_w, want_w = row["with_w"]
+                err = want_w / got_w - 1
+                assert abs(err) <= 0.01, f"{where}: with W closures planned {want_w} vs measured {got_w} ({err:+.1%})"
     if layout[1] > 1:  # under 1F1B the first stage holds the most microbatches, and so the most
         for i, case in enumerate(CASES[layout]):
             if case.get("schedule", "1f1b") != "1f1b":
@@ -187,6 +233,80 @@ def test_plan_arithmetic_and_errors():
     assert all(p.peak_bytes <= tight for p in search(cfg, dataclasses.replace(base, global_batch_size=64), 8, tight, "H100"))
 
 
+def test_schedule_walk_hand_checked():
+    """A rank's peak walked along its step list (`plan_pipeline.walk_peak`), against sums
+    done by hand; chunk bytes: full A, B-time peak, W-pending, split-B peak."""
+    from trident.parallel.pipeline.schedule import schedule_steps
+    from trident.planning.plan_pipeline import ChunkBytes, walk_peak
+
+    one = [ChunkBytes(10, 13)]
+    # 1F1B, p=4, m=8: rank r holds k = 4 - r, peak (k-1)·A + B-peak; GPipe all 8
+    assert [walk_peak(schedule_steps("1f1b", 4, r, 8), one) for r in range(4)] == [43, 33, 23, 13]
+    assert walk_peak(schedule_steps("gpipe", 4, 0, 8), one) == 83
+    # interleaved p=2, v=2, m=4, rank 0 (chunk 0 carries the embedding: A 10; chunk 1: A 7):
+    # F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 ...; at B1.1 it holds microbatches 0-3 of
+    # chunk 0 and 1 of chunk 1: 4·10 + 7, and that B peaks at 4·10 + 9
+    two = [ChunkBytes(10, 12), ChunkBytes(7, 9)]
+    assert walk_peak(schedule_steps("interleaved", 2, 0, 4, 2), two) == 49
+    # ZB-H1, p=3, m=6: the last rank runs F0 B0 F1 B1 (their W deferred), then F2 B2 W0 ...:
+    # at B2 it holds two W-pending microbatches (4 each) and the one whose B peaks at 14;
+    # rank 0 holds p = 3 whole microbatches, then a split B peaks 1 above 13
+    zb = [ChunkBytes(10, 13, pending=4, backward_split=14)]
+    assert walk_peak(schedule_steps("zb-h1", 3, 2, 6), zb) == 2 * 4 + 14
+    assert walk_peak(schedule_steps("zb-h1", 3, 0, 6), zb) == 2 * 10 + 14
+    # the saved-tensors meter sees no W closure: 1F1B's figures
+    assert [walk_peak(schedule_steps("zb-h1", 3, r, 6), zb, closures=False) for r in (0, 2)] == [33, 13]
+
+
+def test_planner_per_schedule():
+    """`make_plan` per schedule on small configs: 1F1B's (k-1)·A + peak(one), interleaved's
+    chunk-microbatches in flight, ZB-H1's W closures counted exactly as the linears keep them."""
+    from trident.model.config import preset
+    from trident.parallel.pipeline.schedule import peak_in_flight, schedule_steps
+    from trident.planning.plan_memory import Shapes
+    from trident.planning.plan_pipeline import chunk_bytes
+    from trident.planning.planner import make_plan
+
+    cfg = _model()
+    base = _settings((1, 2, 1), dict(zero=1, recompute="none", m=4))
+    plans = {name: make_plan(cfg, dataclasses.replace(base, schedule=name, vpp=2 if name == "interleaved" else 1), "cpu")
+             for name in ("1f1b", "interleaved", "zb-h1", "gpipe")}
+    x = Shapes(cfg, MBS, SEQ, 1, False, "fp32", "cpu", False)
+    for s in plans["1f1b"].stages:  # two layers each; k = 2, 1
+        c = chunk_bytes(x, 2, s.stage == 0, s.stage == 1, "none")
+        assert s.activations.in_flight == 2 - s.stage and s.activation_bytes == (1 - s.stage) * c.full + c.backward
+    # interleaved: rank 0 holds layers 0 and 2; peak 4 microbatches of chunk 0, then chunk 1's B
+    s0 = plans["interleaved"].stages[0]
+    c0, c1 = chunk_bytes(x, 1, True, False, "none"), chunk_bytes(x, 1, False, False, "none")
+    assert s0.layers == [0, 2] and s0.activations.in_flight == 5 and s0.activation_bytes == 4 * c0.full + c1.backward
+    assert s0.param_bytes == plans["1f1b"].stages[0].param_bytes  # the same parameters, another placement
+    deep = preset("tiny", vocab_size=512, n_layers=24, max_seq_len=SEQ)
+    for p, v in ((2, 2), (2, 3), (4, 2), (4, 3)):
+        for m in (p * 2, p * 4):
+            st = dataclasses.replace(base, pp=p, vpp=v, schedule="interleaved", global_batch_size=m * MBS)
+            assert make_plan(deep, st, "cpu").stages[0].activations.in_flight == (p - 1) * 2 + (v - 1) * p + 1
+    # ZB-H1: at most p microbatches held, W-pending included; the meter's view is 1F1B's
+    assert all(peak_in_flight(schedule_steps("zb-h1", p, r, 3 * p)) <= p for p in (2, 3, 4) for r in range(p))
+    zb = plans["zb-h1"]
+    assert [s.measurable_activation_bytes for s in zb.stages] == [s.activation_bytes for s in plans["1f1b"].stages]
+    # per layer (fp32, tp 1; h 64, 8 heads of 8, 4 kv heads, SwiGLU f 128), per token:
+    # inputs qkv 64 + proj 64 + fc 64 + proj 256; output gradients qkv 128 + 64 + 256 + 64
+    per_layer = 4 * MBS * SEQ * (64 + 64 + 64 + 256 + 128 + 64 + 256 + 64)
+    assert all(s.activations.weight_pending == 2 * per_layer for s in zb.stages)
+    # with fused attention the closures outweigh what the layer saved (its output gradients
+    # are new tensors); with the paper's unfused attention (s x s probabilities) they do not
+    full = chunk_bytes(x, 2, False, False, "none").full
+    assert 2 * per_layer > full and zb.stages[1].activation_bytes > plans["1f1b"].stages[1].activation_bytes
+    unfused = Shapes(dataclasses.replace(cfg, attention_dropout=0.1), MBS, SEQ, 1, False, "fp32", "cpu", False)
+    unfused_chunk = chunk_bytes(unfused, 2, False, False, "none", split=True)
+    assert unfused_chunk.pending < unfused_chunk.full
+    # transfers: outputs are freed once sent; at most one batch in flight
+    assert plans["1f1b"].stages[0].activations.pipeline_buffer == 2 * 4 * MBS * SEQ * 64
+    assert plans["interleaved"].comm_bytes["pp"] == 3 * plans["1f1b"].comm_bytes["pp"]  # (2v - 1) m at p = 2
+    b = {n: p.breakdown for n, p in plans.items()}
+    assert b["interleaved"]["bubble"] < b["1f1b"]["bubble"] and b["zb-h1"]["bubble"] < b["1f1b"]["bubble"]
+
+
 def test_plan_command(capsys):
     from cli_helpers import CONFIG
 
@@ -206,6 +326,18 @@ def test_plan_command(capsys):
     llama = str(CONFIG.parent / "llama-8b.yaml")
     assert main(["plan", "--config", llama, "--tp", "8", "--pp", "2", "--dp", "4", "--recompute", "selective"]) == 0
     assert "for this layout: stage 0 activations 4.30 GB (trident 3.64)" in capsys.readouterr().out
+    assert main(["plan", "--config", str(CONFIG), "--pp", "2", "--schedule", "interleaved", "--vpp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(interleaved, 2 virtual stages per rank)" in out and "schedules at this layout" in out
+    assert "    0      0,2         5 " in out and "    1      1,3         3 " in out  # layers and (chunk, mb) held
+    for name in ("1f1b", "interleaved", "zb-h1", "gpipe"):
+        assert f"{name:>11} " in out
+    # a layout the schedule cannot run is one sentence
+    assert main(["plan", "--config", str(CONFIG), "--pp", "2", "--schedule", "interleaved", "--vpp", "2",
+                 "train.global_batch_size=12"]) == 2
+    assert "runs microbatches in groups of pp=2, but there are 3 per step" in capsys.readouterr().err
+    assert main(["plan", "--config", str(CONFIG), "--pp", "2", "--vpp", "2"]) == 2
+    assert "parallel.vpp=2 needs pp_schedule interleaved" in capsys.readouterr().err
 
 
 def test_activations_at_or_below_megatrons_formula():
@@ -232,7 +364,14 @@ def test_activations_at_or_below_megatrons_formula():
         worst = max(stage.activation_bytes for stage in make_plan(cfg.model, st, "H100").stages)
         assert worst <= megatron, f"(tp, pp, dp)={(tp, pp, dp)}: trident {worst / 1e9:.2f} GB > Megatron {megatron / 1e9:.2f} GB"
         checked += 1
-    assert checked == 20
+        for vpp in (2, 4):  # with Megatron's interleaved penalty, 1 + (pp - 1) / (pp·vpp)
+            inter = dataclasses.replace(st, schedule="interleaved", vpp=vpp)
+            if pp == 1 or pp * vpp > cfg.model.n_layers:
+                continue
+            worst = max(stage.activation_bytes for stage in make_plan(cfg.model, inter, "H100").stages)
+            assert worst <= megatron_activation_bytes(cfg.model, inter), f"interleaved {(tp, pp, dp, vpp)}"
+            checked += 1
+    assert checked == 20 + 26
 
 
 BENCH = dict(hidden=64, heads=8, kv_heads=4, ffn=160, seq=32, micro_batch=2, dtype="bf16", recompute="selective",

@@ -1,11 +1,14 @@
 """`trident plan --config FILE [--tp --pp --dp --zero --recompute --micro-batch-size --seq-len]
-[--device H100] [--device-memory 80GB] [--devices N] [section.key=value ...]`
+[--schedule 1f1b|interleaved|zb-h1|gpipe] [--vpp V] [--device H100] [--device-memory 80GB]
+[--devices N] [section.key=value ...]`
 
 Predicts, without building the model, each pipeline stage's memory per rank (parameters,
-gradients, optimizer state, peak activations under 1F1B), the step's FLOPs, the bytes each
-rank sends per step in its tp, pp and dp groups, and a step time from the device's
-declared peaks. With `--devices N` it lists every layout of N devices that fits the device
-memory, best predicted throughput first (fixing any of --tp/--pp/--dp/--recompute given).
+gradients, optimizer state, peak activations under the pipeline schedule, walked along
+each rank's step list), the step's FLOPs, the bytes each rank sends per step in its tp,
+pp and dp groups, and a step time from the device's declared peaks. With pp > 1 it also
+compares the schedules at the same layout: activation peak, bubble and step time. With
+`--devices N` it lists every layout of N devices that fits the device memory, best
+predicted throughput first (fixing any of --tp/--pp/--dp/--recompute given).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recompute", default=None, help="none | selective | full (default: train.recompute)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="default: train.micro_batch_size")
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
+    p.add_argument("--schedule", default=None, help="pipeline schedule: 1f1b | interleaved | zb-h1 | gpipe "
+                   "(default: parallel.pp_schedule)")
+    p.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank, for the interleaved "
+                   "schedule (default: parallel.vpp)")
     p.add_argument("--device", default="H100", help="declared device figures to use: H100, H200, A100, cpu")
     p.add_argument("--device-memory", default=None, help="memory of one device, e.g. 80GB or 80GiB (default: the device's)")
     p.add_argument("--devices", type=int, default=None, help="list the layouts of this many devices that fit")
@@ -46,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     memory = parse_bytes(args.device_memory) if args.device_memory is not None else device.memory_bytes
     base = settings_from_config(
         cfg, tp=args.tp, pp=args.pp, dp=args.dp, zero=args.zero, recompute=args.recompute,
-        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, schedule=args.schedule, vpp=args.vpp,
     )
     if args.devices is None:
         plan = make_plan(cfg.model, base, device)
@@ -66,44 +73,60 @@ def _unit(largest: float) -> tuple[str, float]:
     return "kB", 1e3
 
 
+def _layers(chunks) -> str:
+    """A rank's layers, one range per chunk: ``0-3`` or ``0-1,8-9``."""
+    return ",".join(f"{c.start}-{c.stop - 1}" if len(c) > 1 else str(c.start) for c in chunks)
+
+
 def format_plan(plan, memory: int, source: str | None = None, model=None) -> str:
     """The per-stage memory table, FLOPs, bytes per group and the predicted step; with the
-    `model` config, Megatron's activation figure for the layout too."""
+    `model` config, Megatron's activation figure and (pp > 1) the schedules compared too."""
     from trident.planning.devices import format_bytes
 
     st, dev = plan.settings, plan.device
     m = st.microbatches
+    schedule = st.schedule + (f", {st.vpp} virtual stages per rank" if st.vpp > 1 else "")
     lines = [
         f"trident plan: {source or 'default config'}, {st.dtype}, on {dev.name} ({format_bytes(memory)} each)",
         f"layout tp={st.tp} pp={st.pp} dp={st.dp} ({st.world} devices)"
         f"{', sequence parallel' if st.sp else ''}, ZeRO-{st.zero}, recompute {st.recompute}",
         f"batch {st.global_batch_size} x {st.seq_len} tokens: {m} microbatches of {st.micro_batch_size} per pipeline "
-        f"({st.schedule})",
+        f"({schedule})",
     ]
     unit, size = _unit(plan.peak_bytes)
+    width = max(8, *(len(_layers(s.chunks)) for s in plan.stages))
     lines += [
         "",
-        f"memory per rank ({unit})",
-        f"{'stage':>5} {'layers':>8} {'in-flight':>9} {'params':>8} {'grads':>8} {'optim':>8} "
+        f"memory per rank ({unit}; in-flight: (chunk, microbatch) pairs held at once)",
+        f"{'stage':>5} {'layers':>{width}} {'in-flight':>9} {'params':>8} {'grads':>8} {'optim':>8} "
         f"{'activ.':>8} {'buffers':>8} {'peak':>8}  fits",
     ]
     for s in plan.stages:
-        layers = f"{s.layers.start}-{s.layers.stop - 1}"
         cells = (s.param_bytes, s.state.grad_peak_bytes, s.optimizer_bytes, s.activation_bytes,
                  s.activations.pipeline_buffer, s.peak_bytes)
         lines.append(
-            f"{s.stage:>5} {layers:>8} {s.activations.in_flight:>9} "
+            f"{s.stage:>5} {_layers(s.chunks):>{width}} {s.activations.in_flight:>9} "
             + " ".join(f"{n / size:>8.2f}" for n in cells)
             + f"  {'yes' if s.peak_bytes <= memory else 'NO'}"
         )
     if st.zero == 2:
         lines.append("(grads: the full fp32 buffer held during backward; between steps only the 1/dp shard)")
+    if any(s.activations.weight_pending for s in plan.stages):
+        s = plan.stages[0]
+        lines.append(
+            f"({st.schedule}: one microbatch between its B and its W keeps {s.activations.weight_pending / size:.2f} "
+            f"{unit} on stage 0 (the linears' inputs and output gradients), a whole one "
+            f"{s.activations.per_microbatch / size:.2f}; saved tensors alone (what the memory meter sees) peak at "
+            + ", ".join(f"{t.measurable_activation_bytes / size:.2f}" for t in plan.stages) + ")"
+        )
     if model is not None and st.sp and st.recompute == "selective" and st.dtype != "fp32":  # what Megatron prices
         from trident.planning.megatron import megatron_activation_bytes
 
         megatron = megatron_activation_bytes(model, st)
         lines.append(f"Megatron-LM's formula (theoretical_memory_usage.py) for this layout: stage 0 activations "
                      f"{megatron / size:.2f} {unit} (trident {plan.stages[0].activation_bytes / size:.2f})")
+    if model is not None and st.pp > 1:
+        lines += ["", *format_schedules(plan, model, memory)]
     world = st.world
     lines += [
         "",
@@ -117,6 +140,38 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
         f"at {dev.peak_tflops(st.dtype):g} TFLOP/s {st.dtype} per device",
     ]
     return "\n".join(lines)
+
+
+def format_schedules(plan, model, memory: int) -> list[str]:
+    """Every schedule at `plan`'s layout (interleaved at its vpp, else 2): the worst rank's
+    activation peak and peak total, rank 0's (chunk, microbatch) pairs, bubble and step."""
+    import dataclasses
+
+    from trident.errors import UserError
+    from trident.parallel.pipeline.schedule import SCHEDULES
+    from trident.planning.planner import make_plan
+
+    st = plan.settings
+    unit, size = _unit(plan.peak_bytes)
+    lines = [
+        f"schedules at this layout (worst rank, {unit})",
+        f"{'schedule':>11} {'vpp':>3} {'in-flight':>9} {'activ.':>8} {'peak':>8} {'bubble':>7} {'step s':>8}  fits",
+    ]
+    for name in SCHEDULES:
+        vpp = (st.vpp if st.vpp > 1 else 2) if name == "interleaved" else 1
+        try:
+            other = make_plan(model, dataclasses.replace(st, schedule=name, vpp=vpp), plan.device)
+        except UserError as e:
+            lines.append(f"{name:>11} {vpp:>3}  cannot run: {e}")
+            continue
+        b = other.breakdown
+        lines.append(
+            f"{name:>11} {vpp:>3} {other.stages[0].activations.in_flight:>9} "
+            f"{max(s.activation_bytes for s in other.stages) / size:>8.2f} {other.peak_bytes / size:>8.2f} "
+            f"{100 * b['bubble'] / b['pipeline']:>6.1f}% {other.step_time_s:>8.3f}  "
+            f"{'yes' if other.fits(memory) else 'NO'}"
+        )
+    return lines
 
 
 def format_search(plans, devices: int, memory: int, device: str, top: int) -> str:

@@ -1,0 +1,204 @@
+"""What a rank holds over a pipeline step: its activation peak, walked along its schedule.
+
+`trident.planning.plan_memory` prices what one microbatch saves in one layer; this module
+prices a step. A rank's schedule (`trident.parallel.pipeline.schedule`) is a list of F, B
+and (zero-bubble) W steps on (chunk, microbatch) pairs. Rather than a formula per
+schedule, the planner walks that list, so a new schedule brings its own memory:
+
+* An F adds what the microbatch keeps through that chunk (`ChunkBytes.full`). Chunks
+  differ: the layers of each (``stage_layers(n_layers, pp·vpp)``), the embedding on
+  virtual stage 0, the final norm, head and loss on the last.
+* A B releases it. While it runs, the microbatch may briefly hold more: recomputation
+  rebuilds the layer (full) or the attention core (selective) the backward is in, after
+  what the backward already passed has been freed (`ChunkBytes.backward`).
+* With a split backward (ZB-H1: a W of the same pair follows), the B leaves behind, per
+  layer, the tensor-parallel linears' W closures (`trident.parallel.tensor.weight_grad`):
+  each keeps its saved input and the gradient of its output (`weight_pending_layer_bytes`)
+  until the W runs (the row linears' output gradients as sequence shards under sequence
+  parallelism: the W re-gathers them). That share can exceed a whole microbatch's saved
+  tensors: the output gradients are new memory. The head never defers its W (it would
+  keep a logits-sized gradient).
+
+The peak is the largest sum of what is held at any point, plus the backward's transient.
+1F1B: ``(k - 1)·A + peak(one microbatch)`` with k = min(pp - r, m); GPipe with k = m;
+interleaved: on rank 0, (pp-1)·2 + (vpp-1)·pp + 1 chunk-microbatches at once for large m.
+
+The W closures are plain Python references, not tensors autograd saves, so the
+saved-tensors meter does not see them: `ActivationBytes.saved_peak` is the same walk
+without them, what `MemoryReport.activation_bytes` measures.
+
+Pipeline buffers. A stage's output is freed once it has been sent (Megatron's
+``deallocate_output_tensor``: only the autograd graph is kept), and a received input is
+saved by the chunk's first layer (its norm, or the checkpoint under full recomputation),
+so it is already counted, by storage, in the activations. What the executor holds besides
+is one batch of transfers in flight: what it sends and what it receives in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from trident.parallel.pipeline.schedule import Step, peak_in_flight, schedule_steps
+from trident.planning.plan_memory import (
+    Shapes,
+    attention_core_bytes,
+    embedding_bytes,
+    head_bytes,
+    layer_bytes,
+    shared_bytes,
+)
+
+
+# --- one microbatch through one chunk ---------------------------------------------------------
+def _grads(x: Shapes) -> dict[str, int]:
+    """The output gradients a split B keeps per layer, in the compute dtype: the column
+    linears' [b, s, out/tp], the row linears' [b, s(/tp), h] (under sp the gradient arrives
+    gathered and only this rank's sequence shard is kept, `lean_linear._kept_output_grad`)."""
+    c, b, s, sr, h, e = x.cfg, x.b, x.s, x.sr, x.cfg.hidden, x.e
+    fc = 2 * x.f if c.activation == "swiglu" else x.f
+    return {"mlp_proj": e * b * sr * h, "fc": e * b * s * fc, "proj": e * b * sr * h,
+            "qkv": e * b * s * (x.heads + 2 * x.kv) * c.head_dim}
+
+
+def weight_pending_layer_bytes(x: Shapes) -> int:
+    """What one layer of a microbatch keeps between its B and its W when the backward is
+    split (ZB-H1, `trident.parallel.tensor.weight_grad`): each tensor-parallel linear's
+    closure holds the input its forward saved and the gradient of its output. Inputs: the
+    qkv's and the MLP's first linear's (the local sequence shard under sp), the attention
+    output (the projection's), the first MLP linear's output before the activation (the
+    second's). Everything else of the layer is freed by the B."""
+    c, b, s, sr, h, e = x.cfg, x.b, x.s, x.sr, x.cfg.hidden, x.e
+    fc = 2 * x.f if c.activation == "swiglu" else x.f
+    return e * b * (2 * sr * h + s * x.heads * c.head_dim + s * fc) + sum(_grads(x).values())
+
+
+def _split_layer_events(x: Shapes, recompute: str) -> list[int]:
+    """The changes in held bytes, in order, as a split B passes one (pre-norm) layer: each
+    linear's output gradient joins its closure, each node's other saved tensors go."""
+    none = layer_bytes(x, "none")
+    g = _grads(x)
+    norm, mask = none["norms"] // 2, none.get("dropout_masks", 0) // 2
+    out = x.e * x.b * x.s * x.heads * x.cfg.head_dim  # the attention output: the projection's input, kept
+    core = -(none["attention_core"] - out) - none.get("qkv", 0)
+    if recompute == "selective":  # the core is rebuilt, then freed with the qkv the checkpoint kept
+        rebuilt = attention_core_bytes(x) - (0 if x.fused_attention else out)
+        core = [rebuilt, -rebuilt - layer_bytes(x, "selective")["qkv"]]
+    events = [-mask, g["mlp_proj"], g["fc"], -norm, -mask, g["proj"], *([core] if isinstance(core, int) else core),
+              g["qkv"], -norm]
+    if recompute == "full":  # the layer is rebuilt first; the kept block input (norm1's) goes last
+        block = x.e * x.b * x.sr * x.cfg.hidden
+        events = [sum(none.values()) - block, *events[:-1], -(norm - block), -block]
+    return events
+
+
+@dataclass(frozen=True)
+class ChunkBytes:
+    """One microbatch through one chunk of layers on this rank (a whole stage without
+    virtual stages)."""
+
+    full: int  # A: kept from its forward to its backward
+    backward: int  # the most it holds while its backward runs (>= A under recomputation)
+    pending: int = 0  # kept from its B to its W when the backward is split (0 otherwise)
+    backward_split: int = 0  # the most it holds during a B whose W is deferred
+
+
+def chunk_bytes(x: Shapes, n_layers: int, first: bool, last: bool, recompute: str, split: bool = False) -> ChunkBytes:
+    """What one microbatch keeps through a chunk of `n_layers` layers (with the embedding
+    when `first`, the final norm, head and loss when `last`), and during its backward."""
+    layer = layer_bytes(x, recompute)
+    per_layer = sum(layer.values())
+    head = head_bytes(x) if last else 0
+    rest = shared_bytes(x, recompute) + (embedding_bytes(x) if first else 0)
+    a = n_layers * per_layer + rest + head
+    # the first backward of a microbatch walks the chunk's last layer first: what it frees
+    # before the recomputation there, and what the recomputation adds
+    if recompute == "full":
+        # the kept block input is saved as it is (by the first norm, or post-norm by the qkv)
+        rebuilt = sum(layer_bytes(x, "none").values()) - x.e * x.b * x.sr * x.cfg.hidden
+        during = a - head + rebuilt
+    elif recompute == "selective":
+        freed = layer["mlp"] + layer["linear_inputs"] // 2 + layer["attention_output"] + layer["norms"] // 2
+        freed += layer.get("dropout_masks", 0)
+        rebuilt = attention_core_bytes(x)
+        if not x.fused_attention:  # the output copy is the projection's, not rebuilt here
+            rebuilt -= x.e * x.b * x.s * x.heads * x.cfg.head_dim
+        during = a - head - freed + rebuilt
+    else:
+        during = a
+    one = max(a, during)
+    if not split:
+        return ChunkBytes(a, one)
+    # a split B: the head's backward (not deferred), then each layer, last first, turns from
+    # its saved tensors into its W closures; the shared tables and the embedding go last
+    held = peak = a - head
+    for _ in range(n_layers):
+        for change in _split_layer_events(x, recompute):
+            held += change
+            peak = max(peak, held)
+    pending = n_layers * weight_pending_layer_bytes(x)
+    assert held - rest == pending, (held, rest, pending)  # the events end on what the closures keep
+    return ChunkBytes(a, one, pending, max(a, peak))
+
+
+# --- a step ---------------------------------------------------------------------------------
+def walk_peak(steps: Sequence[Step], chunks: Sequence[ChunkBytes], closures: bool = True) -> int:
+    """The most bytes held at once along `steps`, with `chunks[c]` the bytes of one
+    microbatch through this rank's chunk c; `closures=False` leaves out what a split B
+    keeps for its W (invisible to the saved-tensors meter)."""
+    deferred = {s.key for s in steps if s.kind == "W"}
+    held = peak = 0
+    for step in steps:
+        c = chunks[step.chunk]
+        if step.kind == "F":
+            held += c.full
+            peak = max(peak, held)
+        elif step.kind == "B":
+            split = closures and step.key in deferred
+            peak = max(peak, held - c.full + (c.backward_split if split else c.backward))
+            held += (c.pending if split else 0) - c.full
+        elif closures:
+            held -= c.pending
+    return peak
+
+
+def pipeline_buffer_bytes(x: Shapes, pp: int, vpp: int) -> int:
+    """What the executor holds besides autograd's saved tensors, at most: one batch of
+    transfers, [b, s(/tp), h] each. One stage per rank: what a step sends and what the
+    next receives (an output and a gradient, or a gradient and an input); interleaved
+    rounds of F + B: an output and a gradient sent, an input and a gradient received."""
+    if pp == 1:
+        return 0
+    return (4 if vpp > 1 else 2) * x.e * x.b * x.sr * x.cfg.hidden
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    per_microbatch: int  # A: what one microbatch keeps on this rank through all its chunks
+    in_flight: int  # most (chunk, microbatch) pairs held at once (forwarded, not done)
+    peak: int  # the step's peak along the schedule, W closures included
+    saved_peak: int  # the same without the W closures: what the saved-tensors meter sees
+    pipeline_buffer: int  # transfers in flight the executor holds (not saved by autograd)
+    weight_pending: int = 0  # one microbatch between its B and its W, all chunks (split backward)
+
+
+def rank_activation_bytes(
+    x: Shapes, schedule: str, pp: int, stage: int, microbatches: int, chunks: Sequence[range], recompute: str,
+) -> ActivationBytes:
+    """Rank `stage`'s activations over one step of `schedule`, its layers in `chunks`
+    (one range per virtual stage, `plan_memory.rank_chunks`)."""
+    vpp = len(chunks)
+    steps = schedule_steps(schedule, pp, stage, microbatches, vpp)
+    split = any(s.kind == "W" for s in steps)
+    per_chunk = [
+        chunk_bytes(x, len(layers), stage == 0 and c == 0, stage == pp - 1 and c == vpp - 1, recompute, split)
+        for c, layers in enumerate(chunks)
+    ]
+    return ActivationBytes(
+        per_microbatch=sum(c.full for c in per_chunk),
+        in_flight=peak_in_flight(steps),
+        peak=walk_peak(steps, per_chunk),
+        saved_peak=walk_peak(steps, per_chunk, closures=False),
+        pipeline_buffer=pipeline_buffer_bytes(x, pp, vpp),
+        weight_pending=sum(c.pending for c in per_chunk),
+    )
