@@ -80,15 +80,9 @@ class StagePlan:
         return self.activations.peak
 
     @property
-    def measurable_activation_bytes(self) -> int:
-        """What the saved-tensors meter measures: the peak without the W closures a split
-        backward keeps (plain references, not saved tensors); the peak otherwise."""
-        return self.activations.saved_peak
-
-    @property
     def measurable_bytes(self) -> int:
         """What a rank's `MemoryReport.total_bytes` measures: state plus saved activations."""
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.measurable_activation_bytes
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
 
     @property
     def peak_bytes(self) -> int:

@@ -23,9 +23,9 @@ The peak is the largest sum of what is held at any point, plus the backward's tr
 1F1B: ``(k - 1)·A + peak(one microbatch)`` with k = min(pp - r, m); GPipe with k = m;
 interleaved: on rank 0, (pp-1)·2 + (vpp-1)·pp + 1 chunk-microbatches at once for large m.
 
-The W closures are plain Python references, not tensors autograd saves, so the
-saved-tensors meter does not see them: `ActivationBytes.saved_peak` is the same walk
-without them, what `MemoryReport.activation_bytes` measures.
+The W closures are plain Python references, not tensors autograd saves; the activation
+meter counts them anyway (`weight_grad.observe`), so `MemoryReport.activation_bytes`
+measures this same peak.
 
 Pipeline buffers. A stage's output is freed once it has been sent (Megatron's
 ``deallocate_output_tensor``: only the autograd graph is kept), and a received input is
@@ -142,10 +142,9 @@ def chunk_bytes(x: Shapes, n_layers: int, first: bool, last: bool, recompute: st
 
 
 # --- a step ---------------------------------------------------------------------------------
-def walk_peak(steps: Sequence[Step], chunks: Sequence[ChunkBytes], closures: bool = True) -> int:
+def walk_peak(steps: Sequence[Step], chunks: Sequence[ChunkBytes]) -> int:
     """The most bytes held at once along `steps`, with `chunks[c]` the bytes of one
-    microbatch through this rank's chunk c; `closures=False` leaves out what a split B
-    keeps for its W (invisible to the saved-tensors meter)."""
+    microbatch through this rank's chunk c."""
     deferred = {s.key for s in steps if s.kind == "W"}
     held = peak = 0
     for step in steps:
@@ -154,10 +153,10 @@ def walk_peak(steps: Sequence[Step], chunks: Sequence[ChunkBytes], closures: boo
             held += c.full
             peak = max(peak, held)
         elif step.kind == "B":
-            split = closures and step.key in deferred
+            split = step.key in deferred
             peak = max(peak, held - c.full + (c.backward_split if split else c.backward))
             held += (c.pending if split else 0) - c.full
-        elif closures:
+        else:
             held -= c.pending
     return peak
 
@@ -177,7 +176,6 @@ class ActivationBytes:
     per_microbatch: int  # A: what one microbatch keeps on this rank through all its chunks
     in_flight: int  # most (chunk, microbatch) pairs held at once (forwarded, not done)
     peak: int  # the step's peak along the schedule, W closures included
-    saved_peak: int  # the same without the W closures: what the saved-tensors meter sees
     pipeline_buffer: int  # transfers in flight the executor holds (not saved by autograd)
     weight_pending: int = 0  # one microbatch between its B and its W, all chunks (split backward)
 
@@ -198,7 +196,6 @@ def rank_activation_bytes(
         per_microbatch=sum(c.full for c in per_chunk),
         in_flight=peak_in_flight(steps),
         peak=walk_peak(steps, per_chunk),
-        saved_peak=walk_peak(steps, per_chunk, closures=False),
         pipeline_buffer=pipeline_buffer_bytes(x, pp, vpp),
         weight_pending=sum(c.pending for c in per_chunk),
     )

@@ -116,8 +116,7 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
         lines.append(
             f"({st.schedule}: one microbatch between its B and its W keeps {s.activations.weight_pending / size:.2f} "
             f"{unit} on stage 0 (the linears' inputs and output gradients), a whole one "
-            f"{s.activations.per_microbatch / size:.2f}; saved tensors alone (what the memory meter sees) peak at "
-            + ", ".join(f"{t.measurable_activation_bytes / size:.2f}" for t in plan.stages) + ")"
+            f"{s.activations.per_microbatch / size:.2f})"
         )
     if model is not None and st.sp and st.recompute == "selective" and st.dtype != "fp32":  # what Megatron prices
         from trident.planning.megatron import megatron_activation_bytes

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trident.parallel.collectives import comm_device
+from trident.parallel.tensor.weight_grad import observe
 from trident.parallel.topology import Topology
 
 
@@ -123,14 +124,20 @@ class ActivationMeter:
         self.peak_bytes = 0
         self.saved_tensors = 0  # tensors packed (with repeats), for diagnostics
         self._hooks: Any = None
+        self._deferred: Any = None
+        self._held_keys: list[tuple[str, int]] = []
         self._base = 0
 
     # --- saved-tensor hooks ---------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> _Packed:
         self.saved_tensors += 1
+        return _Packed(t, self._add(t), self)
+
+    def _add(self, t: torch.Tensor) -> tuple[str, int] | None:
+        """Count one more holder of `t`'s storage; its key, or None when not counted."""
         key = _storage_key(t)
         if key in self._exclude or key[1] == 0:
-            return _Packed(t, None, self)
+            return None
         n = self._count.get(key, 0)
         if n == 0:
             size = t.untyped_storage().nbytes()
@@ -138,7 +145,7 @@ class ActivationMeter:
             self.live_bytes += size
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         self._count[key] = n + 1
-        return _Packed(t, key, self)
+        return key
 
     @staticmethod
     def _unpack(packed: _Packed) -> torch.Tensor:
@@ -161,13 +168,27 @@ class ActivationMeter:
         else:
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
+            self._deferred = observe(self._held)  # what split backwards keep for their W
+            self._deferred.__enter__()
         return self
+
+    def _held(self, tensors: list[torch.Tensor], sign: int) -> None:
+        """A deferred weight gradient keeps (+1) or lets go of (-1) `tensors` (ZB-H1's W)."""
+        for t in tensors:
+            if sign > 0:
+                key = self._add(t)
+                if key is not None:
+                    self._held_keys.append(key)
+            elif (key := _storage_key(t)) in self._held_keys:
+                self._held_keys.remove(key)
+                self._release(key)
 
     def __exit__(self, *exc: object) -> None:
         if self.source == "cuda-allocator":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
+            self._deferred.__exit__(*exc)
             self._hooks.__exit__(*exc)
             self._hooks = None
 

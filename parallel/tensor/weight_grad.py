@@ -29,6 +29,21 @@ from typing import Callable, Iterator
 import torch
 
 _state: dict[str, object] = {"split": False, "store": None}
+# callbacks told when deferred weight gradients start (+1) and stop (-1) keeping tensors
+# alive: an activation meter counts them with autograd's saved tensors (they are plain
+# references, which saved-tensor hooks do not see)
+_observers: list[Callable[[list[torch.Tensor], int], None]] = []
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[list[torch.Tensor], int], None]) -> Iterator[None]:
+    """Call ``callback(tensors, +1)`` when a deferred W starts keeping `tensors` and
+    ``callback(tensors, -1)`` when its W has run, while inside this block."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
 
 
 class WeightGradStore:
@@ -41,11 +56,14 @@ class WeightGradStore:
 
     def run(self) -> None:
         """The W pass: compute every deferred weight gradient and accumulate it."""
-        pending, self.pending, self.holds = self.pending, [], []
+        pending, self.pending, holds, self.holds = self.pending, [], self.holds, []
         for weight, compute in pending:
             with torch.no_grad():  # as inside a backward: no graph of the gradient itself
                 grad = compute()
             torch.autograd.backward(weight, grad)
+        del pending
+        for callback in list(_observers):
+            callback(holds, -1)
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -88,4 +106,6 @@ def defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor], holds: tupl
         return False
     store.pending.append((weight, compute))  # type: ignore[union-attr]
     store.holds.extend(holds)  # type: ignore[union-attr]
+    for callback in list(_observers):
+        callback(list(holds), +1)
     return True
