@@ -1,13 +1,26 @@
-"""`trident bench pipeline`: the real executor and transfers on stages of synthetic compute.
+"""`trident bench pipeline`: the pipeline schedules, measured against their own formulas.
 
 Each of pp local processes (gloo) is one stage whose forward and backward cost a fixed
-time: a sleep (exact, so the figures isolate the schedule and the transfers) or a fixed
-number of matrix multiplications (real CPU work, timed alone first). The benchmark runs
-the pipeline schedule for a few steps and prints the measured step time against the
-ideal (m+p-1)(tf+tb), the bubble (p-1)/(m+p-1), and the idle share measured from the
-last step's timeline; ``--trace DIR`` also writes that step's Chrome trace and Gantt PNG.
+time (`tools.bench_pipeline_stage`): a sleep (exact, so the figures isolate the schedule
+and the transfers) or a fixed number of matrix multiplications (real CPU work, timed
+alone first). Under zb-h1 the backward is split: B costs tb - tw, and the W of tw is
+deferred the way the tensor-parallel linears defer it. With interleaved virtual stages
+each of a rank's v chunks costs 1/v of its tf, tb.
 
-Run it as ``trident bench pipeline ...``.
+For each schedule (side by side with ``--schedule all``) and each m it runs a few steps
+of the real executor and prints the measured step time next to the schedule's ideal
+step with free transfers (1F1B, GPipe (m+p-1)(tf+tb); interleaved (m·v+p-1)(tf+tb)/v;
+ZB-H1 m(tf+tb) + (p-1)(tf+tB-tW)), the bubble of that ideal step and the idle share
+measured on the last step's timeline. ``--trace DIR`` writes that step's Chrome trace
+and Gantt PNG per schedule, and one PNG of the schedules side by side per m.
+
+The default costs (40 ms forward, 80 ms backward per rank) are large next to what a
+step costs beyond its compute on a CPU box with gloo (about 0.3-0.5 ms per compute step
+and 1 ms per exchange, shown in the last column): with 10/20 ms those overheads alone
+put every schedule 8-30% above its ideal, interleaved (twice the steps and exchanges
+per unit of compute at v=2) the most.
+
+Run it as ``trident bench pipeline ...``, e.g. ``trident bench pipeline -m 8 16``.
 """
 
 from __future__ import annotations
@@ -16,190 +29,176 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "pipeline", help="pipeline schedule: measured step time vs (m+p-1)(tf+tb)",
+        "pipeline", help="pipeline schedules: measured step time vs each schedule's ideal",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--pp", type=int, default=4, help="pipeline stages (one local process each)")
-    parser.add_argument("--microbatches", "-m", type=int, default=8, help="microbatches per step")
-    parser.add_argument("--schedule", default="1f1b", help="1f1b or gpipe")
+    parser.add_argument("--microbatches", "-m", type=int, nargs="+", default=[8],
+                        help="microbatches per step; several values give one table each (e.g. -m 8 16)")
+    parser.add_argument("--schedule", default="all", help="1f1b, interleaved, zb-h1, gpipe, or all (side by side)")
+    parser.add_argument("--vpp", type=int, default=None, help="virtual stages per rank of interleaved (default 2)")
     parser.add_argument("--compute", choices=("sleep", "matmul"), default="sleep", help="what a stage's work is")
-    parser.add_argument("--tf-ms", type=float, default=10.0, help="forward time per stage and microbatch (sleep)")
-    parser.add_argument("--tb-ms", type=float, default=20.0, help="backward time per stage and microbatch (sleep)")
+    parser.add_argument("--tf-ms", type=float, default=40.0, help="forward time per stage and microbatch (sleep)")
+    parser.add_argument("--tb-ms", type=float, default=80.0, help="backward time per stage and microbatch (sleep)")
+    parser.add_argument("--tw-ms", type=float, default=None,
+                        help="the weight-gradient part W of the backward under zb-h1 (sleep; default tb/2)")
     parser.add_argument("--matmuls", type=int, default=4, help="forward matmuls per microbatch (matmul; backward does 2x)")
     parser.add_argument("--size", type=int, default=256, help="square matrix size of each matmul (matmul)")
     parser.add_argument("--hidden", type=int, default=256, help="width of the activation sent between stages")
     parser.add_argument("--seq", type=int, default=128, help="sequence length of the activation sent between stages")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--trace", metavar="DIR", help="write the last step's Chrome trace and Gantt PNG here")
+    parser.add_argument("--trace", metavar="DIR", help="write each schedule's last step as Chrome trace and Gantt PNG")
     parser.set_defaults(func=run)
+
+
+def plan_runs(args: argparse.Namespace) -> tuple[list[list], list[str]]:
+    """The (schedule, m, vpp) runs the arguments ask for, and a note per run left out.
+
+    Every check is made here, before a process starts, and fails as one sentence naming
+    the numbers. With ``--schedule all`` and no ``--vpp``, a schedule that cannot run a
+    layout (interleaved with pp = 1 or m not a multiple of pp) is left out with a note.
+    """
+    from trident.errors import UserError
+    from trident.parallel.pipeline.schedule import SCHEDULES, check_layout
+
+    ms = args.microbatches
+    if args.pp < 1 or min(ms) < 1 or args.steps < 1 or args.warmup < 0:
+        raise UserError(
+            f"--pp, --microbatches and --steps must be >= 1 and --warmup >= 0, got "
+            f"{args.pp}, {' '.join(map(str, ms))}, {args.steps}, {args.warmup}"
+        )
+    if args.schedule != "all" and args.schedule not in SCHEDULES:
+        raise UserError(f"unknown pipeline schedule {args.schedule!r}; valid: {', '.join(SCHEDULES)} or all")
+    if args.tf_ms < 0 or args.tb_ms < 0:
+        raise UserError(f"--tf-ms and --tb-ms must be >= 0, got {args.tf_ms} and {args.tb_ms}")
+    if args.tw_ms is not None and not 0 <= args.tw_ms <= args.tb_ms:
+        raise UserError(f"--tw-ms is the W part of the backward: between 0 and --tb-ms={args.tb_ms}, got {args.tw_ms}")
+    names = list(SCHEDULES) if args.schedule == "all" else [args.schedule]
+    runs, notes = [], []
+    for m in ms:
+        for name in names:
+            if name == "interleaved":
+                vpp = 2 if args.vpp is None else args.vpp
+            else:  # --vpp is interleaved's under "all"; asked of another schedule, it gets its error
+                vpp = 1 if args.vpp is None or args.schedule == "all" else args.vpp
+            try:
+                check_layout(name, args.pp, m, vpp)
+            except UserError as err:
+                if args.schedule != "all" or args.vpp is not None:  # asked for by name or by --vpp
+                    raise
+                notes.append(f"{name} left out at m={m}: {err}")
+                continue
+            runs.append([name, m, vpp])
+    return runs, notes
+
+
+def make_config(args: argparse.Namespace) -> dict:
+    """The checked arguments and the planned runs: what every rank (`bench_rank`) reads."""
+    runs, notes = plan_runs(args)
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    config.update(runs=runs, notes=notes, timeout_s=300.0, tw_ms=args.tb_ms / 2 if args.tw_ms is None else args.tw_ms)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, spawn one process per stage, print the figures."""
     import torch.multiprocessing as mp
 
-    from trident.errors import UserError
-    from trident.parallel.pipeline.schedule import SCHEDULES
+    from trident.tools.bench_pipeline_stage import stage_main
 
-    if args.pp < 1 or args.microbatches < 1 or args.steps < 1 or args.warmup < 0:
-        raise UserError(
-            f"--pp, --microbatches and --steps must be >= 1 and --warmup >= 0, got "
-            f"{args.pp}, {args.microbatches}, {args.steps}, {args.warmup}"
-        )
-    if args.schedule not in SCHEDULES:
-        raise UserError(f"unknown pipeline schedule {args.schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
+    config = make_config(args)
     with tempfile.TemporaryDirectory(prefix="trident-bench-pp-") as tmp:
-        config = vars(args).copy()
-        config.pop("func", None)
-        mp.start_processes(_stage_main, args=(config, tmp), nprocs=args.pp, start_method="spawn")
+        mp.start_processes(stage_main, args=(config, tmp), nprocs=args.pp, start_method="spawn")
         result = json.loads((Path(tmp) / "result.json").read_text())
     print(format_report(result))
     return 0
 
 
-# --- the synthetic stage ------------------------------------------------------------------------
-def _make_stage(config: dict, first: bool, last: bool):
-    import torch
-    from torch import nn
-
-    class _Work(torch.autograd.Function):
-        """y = x * w, with the stage's fixed cost added to the forward and the backward."""
-
-        @staticmethod
-        def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            ctx.save_for_backward(x, w)
-            stage.cost(config["tf_ms"], 1)
-            return x * w
-
-        @staticmethod
-        def backward(ctx, grad: torch.Tensor):
-            x, w = ctx.saved_tensors
-            stage.cost(config["tb_ms"], 2)
-            return grad * w, (grad * x).sum(dim=(0, 1))
-
-    class SyntheticStage(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(config["hidden"]))
-            gen = torch.Generator().manual_seed(0)
-            self.matrix = torch.randn(config["size"], config["size"], generator=gen) / config["size"] ** 0.5
-
-        def cost(self, ms: float, factor: int) -> None:
-            if config["compute"] == "sleep":
-                time.sleep(ms / 1e3)
-                return
-            x = self.matrix
-            for _ in range(config["matmuls"] * factor):
-                x = x @ self.matrix
-
-        def forward(self, x: torch.Tensor, labels=None, doc_ids=None) -> torch.Tensor:
-            # x: tokens [b, s] on the first stage, else hidden [b, s, hidden]
-            if first:
-                x = torch.zeros(*x.shape, config["hidden"])  # [b, s, hidden]
-            y = _Work.apply(x, self.weight)  # [b, s, hidden]
-            return y.mean(-1) if last else y  # per-token "loss" [b, s] on the last stage
-
-    stage = SyntheticStage()
-    return stage
-
-
-def _stage_main(rank: int, config: dict, tmp: str) -> None:
-    """One stage: join the group, time the stage alone (matmul), run and time the steps."""
-    import torch
-    import torch.distributed as dist
-
-    from trident.parallel.pipeline.executor import run_pipeline
-    from trident.parallel.pipeline.p2p import activation_shape
-    from trident.parallel.pipeline.timeline import Timeline, gather_events
-    from trident.parallel.topology import Topology
-
-    torch.set_num_threads(1)
-    pp, m = config["pp"], config["microbatches"]
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=pp)
-    try:
-        topo = Topology.from_initialized(pp=pp)
-        stage = _make_stage(config, topo.is_first_stage, topo.is_last_stage)
-        tf, tb = config["tf_ms"] / 1e3, config["tb_ms"] / 1e3
-        if config["compute"] == "matmul":  # the stage's cost, timed alone (median of 5)
-            tf = statistics.median(_timed(lambda: stage.cost(0, 1)) for _ in range(5))
-            tb = statistics.median(_timed(lambda: stage.cost(0, 2)) for _ in range(5))
-            costs = torch.tensor([tf, tb], dtype=torch.float64)
-            dist.all_reduce(costs, op=dist.ReduceOp.MAX)  # the slowest stage sets the pace
-            tf, tb = costs.tolist()
-        b, s = 1, config["seq"]
-        micro = [{"tokens": torch.zeros(b, s, dtype=torch.long), "labels": torch.zeros(b, s, dtype=torch.long)}] * m
-        shape = activation_shape(b, s, config["hidden"])
-        times = []
-        timeline = None
-        for step in range(config["warmup"] + config["steps"]):
-            last = step == config["warmup"] + config["steps"] - 1
-            timeline = Timeline(topo.pp_rank, topo.rank) if last else None
-            stage.zero_grad(set_to_none=True)
-            dist.barrier()
-            start = time.perf_counter()
-            run_pipeline(stage, topo, micro, act_shape=shape, loss_divisor=float(m * b * s),
-                         schedule=config["schedule"], timeline=timeline, reduce_loss_over_dp=False)
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when its last stage does
-            if step >= config["warmup"]:
-                times.append(elapsed.item())
-        events = gather_events(timeline)
-        if rank == 0:
-            _write_result(config, tf, tb, times, events, Path(tmp) / "result.json")
-    finally:
-        dist.destroy_process_group()
-
-
-def _write_result(config: dict, tf: float, tb: float, times: list[float], events: list, path: Path) -> None:
-    """Rank 0: the figures and the last step's timeline summary (and trace files) as JSON."""
-    from trident.parallel.pipeline.timeline import idle_fraction, plot_gantt, write_chrome_trace
-
-    mean = {cat: statistics.fmean(e.duration for e in events if e.cat == cat) for cat in ("forward", "backward")}
-    result = {**config, "tf": tf, "tb": tb, "times": times, "idle": idle_fraction(events),
-              "tf_seen": mean["forward"], "tb_seen": mean["backward"], "span": max(e.end for e in events)}
-    if config["trace"]:
-        out = Path(config["trace"])
-        result["files"] = [str(write_chrome_trace(events, out / "pipeline_trace.json"))]
-        try:
-            result["files"].append(str(plot_gantt(events, out / "pipeline_gantt.png")))
-        except Exception as err:  # matplotlib is optional: report, keep the JSON trace
-            result["files"].append(f"(no PNG: {err})")
-    path.write_text(json.dumps(result))
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 # --- the report -------------------------------------------------------------------------------------
-def format_report(r: dict) -> str:
-    from trident.parallel.pipeline.schedule import bubble_fraction, ideal_time
+_HEADER = (f"  {'schedule':<18} {'measured':>9} {'ideal':>9} {'meas/ideal':>10} {'bubble':>7} {'idle':>7}"
+           "   recorded per chunk step; per exchange")
 
-    p, m, tf, tb = r["pp"], r["microbatches"], r["tf"], r["tb"]
-    ideal = ideal_time(p, m, tf, tb)
-    median = statistics.median(r["times"])
+
+def format_report(r: dict) -> str:
+    """The schedules side by side, one table per m, from `bench_rank`'s result."""
+    p = r["pp"]
+    first = r["results"][0]
     what = "sleep" if r["compute"] == "sleep" else f"{r['matmuls']}x{r['size']}^2 matmuls, timed alone"
     lines = [
-        f"pipeline bench: pp={p} m={m} schedule={r['schedule']} compute={what} "
-        f"(tf={tf * 1e3:.2f} ms, tb={tb * 1e3:.2f} ms per stage and microbatch; "
-        f"activation 1x{r['seq']}x{r['hidden']} fp32), {r['steps']} steps after {r['warmup']} warm-up",
-        f"  measured step time      {median:.4f} s  (median; min {min(r['times']):.4f}, max {max(r['times']):.4f})",
-        f"  ideal (m+p-1)(tf+tb)    {ideal:.4f} s  -> measured/ideal {median / ideal:.3f}",
-        f"  compute as recorded     tf={r['tf_seen'] * 1e3:.2f} ms, tb={r['tb_seen'] * 1e3:.2f} ms (timeline means) "
-        f"-> ideal {ideal_time(p, m, r['tf_seen'], r['tb_seen']):.4f} s vs {r['span']:.4f} s on that timeline",
-        f"  bubble (p-1)/(m+p-1)    {bubble_fraction(p, m):.1%}",
-        f"  measured idle share     {r['idle']:.1%}  (last step's timeline: time outside forward/backward)",
+        f"pipeline bench: pp={p}, compute={what} (per rank and microbatch tf={first['tf'] * 1e3:.2f} ms, "
+        f"tb={first['tb'] * 1e3:.2f} ms, of it W={first['tw'] * 1e3:.2f} ms under zb-h1"
+        f"{'' if r['compute'] == 'sleep' else ', as timed in the first run'}; activation "
+        f"1x{r['seq']}x{r['hidden']} fp32); median of {r['steps']} steps after {r['warmup']} warm-up",
+        "  measured: wall time of a step (slowest rank); ideal: the schedule's step with free transfers;",
+        "  bubble: idle share of that ideal step; idle: share of rank-time outside F/B/W on the last step's timeline;",
+        "  per exchange: the transfer time with which the simulator, given the recorded compute, takes that step's"
+        " time",
     ]
-    for path in r.get("files", []):
-        lines.append(f"  wrote {path}")
+    for m in dict.fromkeys(run["m"] for run in r["results"]):
+        lines += ["", f"  m={m}", _HEADER]
+        lines += [_row(p, run) for run in r["results"] if run["m"] == m]
+        lines += [f"  ({note})" for note in r["notes"] if f"at m={m}:" in note]
+        for extra in _comparisons(r["results"], m):
+            lines.append(f"  {extra}")
+    for run in r["results"]:
+        lines += [f"  wrote {path}" for path in run.get("files", [])]
     return "\n".join(lines)
 
+
+def ideal(p: int, run: dict) -> tuple[float, str]:
+    """The schedule's step time with free transfers and the run's own costs, and a mark:
+    the formula's value, or the simulator's where the formula does not hold (zb-h1 with
+    m < p: the pipeline never fills)."""
+    from trident.parallel.pipeline.schedule import SPLIT_BACKWARD, ideal_time
+    from trident.parallel.pipeline.simulate import simulate_schedule
+
+    name, m, v = run["schedule"], run["m"], run["vpp"]
+    tw = run["tw"] if name in SPLIT_BACKWARD else None
+    formula = ideal_time(p, m, run["tf"], run["tb"], name, v, t_weight=tw)
+    simulated = simulate_schedule(name, p, m, run["tf"], run["tb"], vpp=v, t_weight=tw).total
+    return (formula, "") if abs(simulated - formula) <= 1e-9 * formula else (simulated, "*")
+
+
+def exchange_latency(p: int, run: dict) -> float:
+    """The time per exchange (a batch of transfers) with which the simulator, given the
+    compute times the timeline recorded, takes as long as the recorded step: what the
+    transfers cost on the critical path. Similar values across schedules say the executor
+    adds nothing but its transfers; interleaved has v times as many on its critical path."""
+    from trident.parallel.pipeline.schedule import SPLIT_BACKWARD
+    from trident.parallel.pipeline.simulate import simulate_schedule
+
+    name, m, v, seen = run["schedule"], run["m"], run["vpp"], run["seen"]
+    tf, tb = seen["forward"] * v, (seen["backward"] + seen["weight"]) * v
+    tw = seen["weight"] * v if name in SPLIT_BACKWARD else None
+    lo, hi = 0.0, run["span"] / 2
+    for _ in range(30):  # bisection: the simulated step grows with the transfer time
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if simulate_schedule(name, p, m, tf, tb, mid, v, tw).total < run["span"] else (lo, mid)
+    return lo
+
+
+def _row(p: int, run: dict) -> str:
+    step, (best, mark) = statistics.median(run["times"]), ideal(p, run)
+    bubble = 1.0 - run["m"] * (run["tf"] + run["tb"]) / best if best > 0 else 0.0
+    seen = run["seen"]
+    label = run["schedule"] + (f" (v={run['vpp']})" if run["vpp"] > 1 else "")
+    recorded = f"F {seen['forward'] * 1e3:.2f}, B {seen['backward'] * 1e3:.2f}" + (
+        f", W {seen['weight'] * 1e3:.2f}" if seen["weight"] else "")
+    ratio = f"{step / best:.3f}" if best > 0 else "-"
+    return (f"  {label:<18} {step:>7.4f} s {best:>7.4f} s{mark or ' '}{ratio:>9} {bubble:>7.1%} {run['idle']:>7.1%}"
+            f"   {recorded} ms; {exchange_latency(p, run) * 1e3:.2f} ms")
+
+
+def _comparisons(results: list[dict], m: int) -> list[str]:
+    """ZB-H1's and interleaved's idle share against 1F1B's, measured on the same run."""
+    idle = {run["schedule"]: run["idle"] for run in results if run["m"] == m}
+    base = idle.get("1f1b")
+    if not base:
+        return []
+    return [f"{name} idle share / 1f1b's: {idle[name] / base:.2f}" for name in ("zb-h1", "interleaved") if name in idle]

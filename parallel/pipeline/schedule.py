@@ -196,7 +196,7 @@ def check_layout(name: str, stages: int, microbatches: int, vpp: int) -> None:
 def in_flight_limit(name: str, stages: int, stage: int, microbatches: int, vpp: int = 1) -> int:
     """Most (chunk, microbatch) pairs whose activations a rank may hold at once under
     schedule `name`: the bound the executor asserts, read off the schedule's own list
-    (min(p-r, m) for 1F1B, m for GPipe, p for ZB-H1), so a new schedule brings its bound."""
+    (min(p-r, m) for 1F1B, m for GPipe, min(p, m) for ZB-H1), so a new schedule brings its bound."""
     return peak_in_flight(schedule_steps(name, stages, stage, microbatches, vpp))
 
 
@@ -341,13 +341,17 @@ def ideal_time(
 
     1F1B, GPipe   (m + p - 1)(tf + tb)
     interleaved   (m·v + p - 1)(tf + tb) / v
-    ZB-H1         m(tf + tb) + (p - 1)(tf + tB - tW)
+    ZB-H1         m(tf + tb) + (p - 1)(tf + tB - tW)   when m >= p and tW <= tB (the paper's case)
+                  (m + p - 1)(tf + tB) + tW            when m < p: the pipeline never fills
+    (with m >= p and tW > tB the schedule is not W-bound-free; `simulate` gives its time).
     """
     p, m = stages, microbatches
     if name == "interleaved":
         return (m * vpp + p - 1) * (t_forward + t_backward) / vpp
     if name in SPLIT_BACKWARD:
         tw = t_backward / 2 if t_weight is None else t_weight
+        if m < p:
+            return (m + p - 1) * (t_forward + t_backward - tw) + tw
         return m * (t_forward + t_backward) + (p - 1) * (t_forward + t_backward - 2 * tw)
     return (m + p - 1) * (t_forward + t_backward)
 
