@@ -54,7 +54,7 @@ def _run_case(index: int, case: dict, topo, released: list) -> None:
     import torch
     import torch.distributed as dist
 
-    from equivalence import gather_checked, rel_err
+    from equivalence import gather_checked, reference_step, rel_err
     from test_pipeline_equivalence import _global_batch
     from trident.model.gpt import GPT
     from trident.model.stage import build_stage
@@ -70,15 +70,11 @@ def _run_case(index: int, case: dict, topo, released: list) -> None:
     where = ", ".join(f"{k}={case[k]}" for k in KEYS)
     rows = topo.dp * m * MBS
     data = _global_batch(cfg, rows, case["packed"], seed=100 + index)
-    ref_model = GPT(cfg, Topology.single())
-    shapes = global_shapes(ref_model)
+    shapes = global_shapes(GPT(cfg, Topology.single()))
     ref = torch.zeros(1, dtype=torch.float64)
-    if rank == 0:
-        ref_model.init_weights(0)
-        loss = ref_model(data["tokens"], labels=data["labels"], doc_ids=data.get("doc_ids")).mean()
-        loss.backward()
-        ref_grads = gather_checked(ref_model, None, grads=True)
-        ref[0] = loss.item()
+    if rank == 0:  # the single-process step (reference_step also computes the logits: cheap here)
+        reference = reference_step(cfg, data)
+        ref_grads, ref[0] = reference["grads"], reference["loss"].item()
     dist.broadcast(ref, src=0)
 
     first = topo.dp_rank * m * MBS

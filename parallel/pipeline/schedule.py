@@ -359,5 +359,5 @@ def ideal_time(
 def bubble_fraction(stages: int, microbatches: int, name: str = "1f1b", vpp: int = 1) -> float:
     """The share of each rank's step spent idle in that ideal step: (p-1)/(m+p-1) for 1F1B
     and GPipe, (p-1)/(v·m+p-1) interleaved, (p-1)/(3m+p-1) for ZB-H1 with tf = tB = tW."""
-    busy = microbatches * 3.0
-    return 1.0 - busy / ideal_time(stages, microbatches, 1.0, 2.0, name, vpp, t_weight=1.0)
+    ideal = ideal_time(stages, microbatches, 1.0, 2.0, name, vpp, t_weight=1.0)
+    return (ideal - microbatches * 3.0) / ideal  # one rounding: (p-1)/(m+p-1) exactly for 1F1B
