@@ -43,3 +43,22 @@ def test_configured_peak_wins_and_bad_inputs_are_refused():
 
 def test_measured_matmul_sizes_span_the_cache_range():
     assert min(metrics.MEASURE_SIZES) <= 512 and max(metrics.MEASURE_SIZES) >= 2048
+
+
+def test_metrics_writer_drops_records_after_the_resumed_step(tmp_path):
+    """A run resumed at step 2 re-runs steps 3..: their old records (and a line cut short by
+    a crash) go, the earlier ones stay, and nothing changes when there is nothing to drop."""
+    import json
+
+    from trident.training.metrics import MetricsWriter, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4)] + ['{"step": 5, "lo']
+    path.write_text("\n".join(lines) + "\n")
+    MetricsWriter(tmp_path, enabled=True, start_step=2).write({"step": 3, "loss": 30.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    before = path.read_text()
+    MetricsWriter(tmp_path, enabled=True, start_step=3)
+    assert path.read_text() == before
+    MetricsWriter(tmp_path, enabled=False, start_step=0)  # not the logging rank: never touches the file
+    assert path.read_text() == before

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,18 @@ def model_flops_utilization(achieved_tflops: float, peak_tflops: float, peak_sou
 
 class MetricsWriter:
     """Appends one JSON object per record to RUN_DIR/metrics.jsonl (rank 0 only), and
-    mirrors scalars to TensorBoard when asked and installed."""
+    mirrors scalars to TensorBoard when asked and installed.
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False) -> None:
+    `start_step` is the step the run continues from (a resumed checkpoint's, else 0):
+    records of later steps, written by a run that went further before it stopped, are
+    dropped first, so the file never holds two records of one step (those steps are
+    about to be re-run)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False, start_step: int = 0) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        if enabled and self.path.exists():
+            self._truncate(start_step)
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -174,6 +182,16 @@ class MetricsWriter:
                     "log.tensorboard=true needs the tensorboard package: pip install 'trident[tensorboard]'"
                 ) from err
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def _truncate(self, start_step: int) -> None:
+        """Keep the records up to `start_step` (rewritten whole, then renamed over the file)."""
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and _step_of(line) <= start_step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -189,6 +207,14 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> int:
+    """A record's step; a line that is not a JSON record (a write cut short) counts as later."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

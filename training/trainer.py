@@ -243,7 +243,8 @@ class Trainer:
     def fit(self) -> TrainSummary:
         cfg = self.cfg
         self.write_resolved_config()
-        metrics = MetricsWriter(self.run_dir, enabled=self.is_logger, tensorboard=cfg.log.tensorboard)
+        metrics = MetricsWriter(self.run_dir, enabled=self.is_logger, tensorboard=cfg.log.tensorboard,
+                                start_step=self.step)
         stop = StopSignal()
         stop.install()
         bar = None
