@@ -198,12 +198,12 @@ def _write_rank_files(
         save_file(tensors, str(path), metadata=metadata)
         written[filename] = sha256_file(path)
 
-    if topo.dp_rank == 0:
+    if topo.dp_cp_rank == 0:  # one writer per (pp, tp) slice: dp and cp replicas hold the same weights
         tensors, slices = _model_slices(model, topo)
         put(tensors, f"model_pp{topo.pp_rank}_tp{topo.tp_rank}.safetensors", {"slices": json.dumps(slices)})
     opt_state = optimizer.state_dict()
     # zero 0 keeps a full replica of the state on every dp rank: store it once
-    if optimizer.cfg.zero > 0 or topo.dp_rank == 0:
+    if optimizer.cfg.zero > 0 or topo.dp_cp_rank == 0:
         put(opt_state["tensors"], f"optim_rank{topo.rank}.safetensors", {"meta": json.dumps(opt_state["meta"])})
     rng_tensors = {"torch_cpu": torch.get_rng_state()}
     if topo.device.type == "cuda":

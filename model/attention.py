@@ -38,6 +38,7 @@ from torch import nn
 
 from trident.model.config import ModelConfig
 from trident.model.norms import make_norm
+from trident.parallel.context.ring_attention import ring_attention
 from trident.parallel.random import TP, RNGStreams
 from trident.parallel.recompute import checkpoint
 from trident.parallel.tensor.layers import Block, ColumnParallelLinear, RowParallelLinear
@@ -144,14 +145,25 @@ def segment_attention(
 
 
 @dataclass
+class RingInputs:
+    """What ring attention (context parallelism) needs besides q, k and v; it stands in
+    `AttentionInputs.mask` under cp > 1, so recomputation replays it like a mask."""
+
+    group: object  # the cp process group
+    index: torch.Tensor  # [cp, s/cp] int64: every cp rank's global token positions
+    doc_ids: torch.Tensor | None  # [b, s] the whole sequence's documents (None: one per row)
+    alibi: torch.Tensor | None  # [heads/tp] ALiBi slopes (distances are global positions)
+
+
+@dataclass
 class AttentionInputs:
     """What every layer's attention needs, built once per forward by the model."""
 
     cos: torch.Tensor | None  # [b, 1, s, head_dim] (RoPE)
     sin: torch.Tensor | None
     # additive float [b or 1, 1 or heads/tp, s, s_kv]; int64 CPU document table
-    # [n_segments, 4] (`document_segments`); None = causal
-    mask: torch.Tensor | None
+    # [n_segments, 4] (`document_segments`); `RingInputs` under cp > 1; None = causal
+    mask: torch.Tensor | RingInputs | None
     start_pos: int = 0  # tokens already in the KV cache
 
 
@@ -233,7 +245,7 @@ class Attention(nn.Module):
         v: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | RingInputs | None,
         cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
@@ -253,6 +265,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # [b, kv/tp, s_kv, hd]
+        if isinstance(mask, RingInputs):  # context parallelism: only the kv heads travel the ring
+            out = ring_attention(q, k, v, mask.group, mask.index, mask.doc_ids, mask.alibi)  # [b, heads/tp, s/cp, hd]
+            return out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         # grouped-query in fp32: SDPA shares each kv head over its query heads itself (no
         # repeated copy of k and v forward, no sum of their gradients backward). In bf16/fp16
         # the repeat stays: with enable_gqa the CPU kernel's k/v gradients drift further from

@@ -22,6 +22,7 @@ from trident.model.attention import (
     Attention,
     AttentionInputs,
     KVCache,
+    RingInputs,
     alibi_slopes,
     document_positions,
     document_segments,
@@ -29,6 +30,7 @@ from trident.model.attention import (
 )
 from trident.model.config import ModelConfig
 from trident.model.norms import make_norm
+from trident.parallel.context.sharding import load_balanced_index
 from trident.parallel.random import REPLICATED, TP, RNGStreams
 from trident.parallel.recompute import checkpoint
 from trident.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
@@ -167,6 +169,11 @@ class GPT(nn.Module):
         cfg.check_tp(topo.tp)
         if recompute not in RECOMPUTE:
             raise UserError(f"recompute is {recompute!r}; valid values are {', '.join(RECOMPUTE)}")
+        if topo.cp > 1 and cfg.attention_dropout > 0:
+            raise UserError(
+                f"model.attention_dropout={cfg.attention_dropout} cannot be used with context parallelism "
+                f"(cp={topo.cp}): ring attention has no dropout; set model.attention_dropout=0 or cp=1"
+            )
         self.recompute = recompute
         self.cfg, self.topo, self.rng = cfg, topo, rng
         self.layer_range = layers if layers is not None else range(cfg.n_layers)
@@ -235,6 +242,8 @@ class GPT(nn.Module):
         layer, and every layer's attention would save its own [b, 1, s, s] copy for
         backward; made once here, they all save this one.
         """
+        if self.topo.cp > 1:
+            return self._ring_inputs(batch, seq, doc_ids, device)
         q_abs = torch.arange(start_pos, start_pos + seq, device=device)
         k_abs = torch.arange(0, start_pos + seq, device=device)
         doc_host = doc_ids  # [b, s] wherever the caller had it (the segment table is made from it)
@@ -263,12 +272,46 @@ class GPT(nn.Module):
             sin = self.rope_sin[positions].unsqueeze(1)
         return AttentionInputs(cos=cos, sin=sin, mask=mask, start_pos=start_pos), positions
 
+    def _ring_inputs(
+        self, batch: int, seq: int, doc_ids: torch.Tensor | None, device: torch.device
+    ) -> tuple[AttentionInputs, torch.Tensor]:
+        """Context parallelism: this rank holds `seq` = s/cp tokens of every sample, at the
+        global positions `load_balanced_index` gives it; `doc_ids` cover the whole sequence.
+
+        Positions (RoPE, learned; reset per document) are the tokens' global ones, so each
+        token is rotated as in the single-process model; the ring attention masks every
+        K/V block it receives by (document, global position) from the same tables.
+        """
+        cp = self.topo.cp
+        if doc_ids is not None and doc_ids.shape[1] != seq * cp:
+            raise UserError(
+                f"under context parallelism doc_ids must cover the whole sequence ({seq} tokens x cp={cp} = "
+                f"{seq * cp}), got {doc_ids.shape[1]}"
+            )
+        index = load_balanced_index(seq * cp, cp)  # [cp, s/cp], on the CPU: the ring reads it as numbers
+        mine = index[self.topo.cp_rank].to(device)  # [s/cp]
+        if doc_ids is not None:
+            doc_ids = doc_ids.to(device, non_blocking=True)
+            positions = document_positions(doc_ids)[:, mine]  # [b, s/cp]
+        else:
+            positions = mine.unsqueeze(0).expand(batch, seq)
+        alibi = self.alibi if self.cfg.position == "alibi" else None
+        ring = RingInputs(self.topo.cp_group, index, doc_ids, alibi)
+        cos = sin = None
+        if self.cfg.position == "rope":
+            cos = self.rope_cos[positions].unsqueeze(1)  # [b, 1, s/cp, hd]
+            sin = self.rope_sin[positions].unsqueeze(1)
+        return AttentionInputs(cos=cos, sin=sin, mask=ring), positions
+
     def _check_inputs(
         self, inputs: torch.Tensor, seq: int, start_pos: int, cache: KVCache | None, first: bool
     ) -> None:
-        limit = self.cfg.max_seq_len
-        if start_pos + seq > limit and self.cfg.position in ("learned", "rope"):
-            raise UserError(f"sequence of {start_pos + seq} tokens is longer than model.max_seq_len={limit}")
+        limit, cp = self.cfg.max_seq_len, self.topo.cp
+        if start_pos + seq * cp > limit and self.cfg.position in ("learned", "rope"):
+            raise UserError(f"sequence of {start_pos + seq * cp} tokens is longer than model.max_seq_len={limit}")
+        if cache is not None and cp > 1:
+            raise UserError(f"a KV cache (incremental decoding) cannot be used with context parallelism (cp={cp}); "
+                            f"generate at cp=1")
         if cache is not None and start_pos + seq > cache.max_len:
             raise UserError(f"{start_pos + seq} tokens do not fit the KV cache of {cache.max_len}")
         if cache is not None and self.sp:

@@ -51,9 +51,11 @@ class RNGStreams:
     def __init__(self, seed: int, topo: Topology) -> None:
         self.device = topo.device
         self.states: dict[str, torch.Tensor] = {}
+        # cp ranks hold different tokens: their own streams (cp = 1 derives as it always has)
+        where = (topo.pp_rank, topo.dp_rank) + ((topo.cp_rank,) if topo.cp > 1 else ())
         seeds = {
-            REPLICATED: _derive(seed, "replicated", topo.pp_rank, topo.dp_rank),
-            TP: _derive(seed, "tp", topo.pp_rank, topo.dp_rank, topo.tp_rank),
+            REPLICATED: _derive(seed, "replicated", *where),
+            TP: _derive(seed, "tp", *where, topo.tp_rank),
         }
         saved = _get_state(self.device)
         for name, s in seeds.items():

@@ -1,12 +1,18 @@
-"""The process layout: sizes (tp, pp, dp), this rank's coordinates, and its groups.
+"""The process layout: sizes (tp, cp, pp, dp), this rank's coordinates, and its groups.
 
 One owner for the layout. The arithmetic (`Layout`) is pure and unit-tested without
 processes; `Topology` adds the process groups and is made once per process, then passed
 in wherever it is needed (no module-global singleton).
 
-Rank order is Megatron's: tp fastest, then dp, then pp, i.e. the grid is
-``arange(world).reshape(pp, dp, tp)``. A tensor-parallel group is therefore a run of
-consecutive ranks, which keeps its heavy all-reduces inside one node.
+Rank order is Megatron's: tp fastest, then cp, then dp, then pp, i.e. the grid is
+``arange(world).reshape(pp, dp, cp, tp)``. A tensor-parallel group is therefore a run of
+consecutive ranks, which keeps its heavy all-reduces inside one node, and a
+context-parallel group (the ring attention's K/V traffic) is the next tightest.
+
+Context-parallel ranks hold different tokens of the same samples and the same weights,
+so gradients are reduced, and ZeRO shards, over the combined ``dp × cp`` group
+(`Topology.dp_cp_group`, Megatron's data-parallel group "with context parallel"); the
+data loader still splits samples over dp only.
 """
 
 from __future__ import annotations
@@ -25,37 +31,49 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @dataclass(frozen=True)
 class Layout:
-    """Sizes of the three parallel dimensions; world = tp * pp * dp."""
+    """Sizes of the four parallel dimensions; world = tp * cp * pp * dp."""
 
     tp: int
     pp: int
     dp: int
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     def grid(self) -> torch.Tensor:
-        """Global ranks as a [pp, dp, tp] grid."""
-        return torch.arange(self.world).reshape(self.pp, self.dp, self.tp)
+        """Global ranks as a [pp, dp, cp, tp] grid."""
+        return torch.arange(self.world).reshape(self.pp, self.dp, self.cp, self.tp)
 
     def coords(self, rank: int) -> tuple[int, int, int]:
-        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        """(pp_rank, dp_rank, tp_rank) of a global rank (`cp_of` gives its cp rank)."""
         if not 0 <= rank < self.world:
             raise UserError(f"rank {rank} is outside a world of {self.world} ranks (valid: 0..{self.world - 1})")
-        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+        return rank // (self.dp * self.cp * self.tp), (rank // (self.cp * self.tp)) % self.dp, rank % self.tp
 
-    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
-        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+    def cp_of(self, rank: int) -> int:
+        """The context-parallel rank of a global rank."""
+        return (rank // self.tp) % self.cp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int, cp_rank: int = 0) -> int:
+        return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     def tp_groups(self) -> list[list[int]]:
         return self.grid().reshape(-1, self.tp).tolist()
 
+    def cp_groups(self) -> list[list[int]]:
+        return self.grid().permute(0, 1, 3, 2).reshape(-1, self.cp).tolist()
+
     def dp_groups(self) -> list[list[int]]:
-        return self.grid().permute(0, 2, 1).reshape(-1, self.dp).tolist()
+        return self.grid().permute(0, 2, 3, 1).reshape(-1, self.dp).tolist()
+
+    def dp_cp_groups(self) -> list[list[int]]:
+        """The ranks that hold the same weights (same pp and tp coordinates): gradient reduction and ZeRO."""
+        return self.grid().permute(0, 3, 1, 2).reshape(-1, self.dp * self.cp).tolist()
 
     def pp_groups(self) -> list[list[int]]:
-        return self.grid().permute(1, 2, 0).reshape(-1, self.pp).tolist()
+        return self.grid().permute(1, 2, 3, 0).reshape(-1, self.pp).tolist()
 
     def embedding_groups(self) -> list[list[int]]:
         """First and last stage of each pipeline: they hold the two copies of tied embeddings."""
@@ -66,28 +84,32 @@ class Layout:
         return [g[i : i + block] for g in self.tp_groups() for i in range(0, self.tp, block)]
 
 
-def resolve_layout(world: int, tp: int = 1, pp: int = 1, dp: int | None = None) -> Layout:
+def resolve_layout(world: int, tp: int = 1, pp: int = 1, dp: int | None = None, cp: int = 1) -> Layout:
     """Check the sizes against the world and derive dp; one clear sentence on any mismatch.
 
     Pure arithmetic, so every rank raises the same error before any collective is issued.
     """
-    for name, value in (("world size", world), ("tp", tp), ("pp", pp)):
+    for name, value in (("world size", world), ("tp", tp), ("pp", pp), ("cp", cp)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
     if dp is not None and (not isinstance(dp, int) or dp < 1):
         raise UserError(f"dp must be a whole number >= 1 or left unset, got {dp!r}")
-    if world % (tp * pp) != 0:
-        raise UserError(
-            f"world size {world} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
-            f"choose tp and pp whose product divides {world}"
+    if world % (tp * cp * pp) != 0:
+        names, values, which = (
+            ("tp*pp", f"{tp}*{pp}", "tp and pp") if cp == 1 else ("tp*cp*pp", f"{tp}*{cp}*{pp}", "tp, cp and pp")
         )
-    derived = world // (tp * pp)
-    if dp is not None and dp != derived:
         raise UserError(
-            f"dp={dp} disagrees with world size {world} / (tp={tp} * pp={pp}) = {derived}; "
+            f"world size {world} is not divisible by {names} = {values} = {tp * cp * pp}; "
+            f"choose {which} whose product divides {world}"
+        )
+    derived = world // (tp * cp * pp)
+    if dp is not None and dp != derived:
+        cp_part = f" * cp={cp}" if cp > 1 else ""
+        raise UserError(
+            f"dp={dp} disagrees with world size {world} / (tp={tp}{cp_part} * pp={pp}) = {derived}; "
             f"use dp={derived} or leave dp unset"
         )
-    return Layout(tp=tp, pp=pp, dp=derived)
+    return Layout(tp=tp, pp=pp, dp=derived, cp=cp)
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -108,7 +130,10 @@ class Topology:
     rank: int
     device: torch.device
     tp_group: dist.ProcessGroup | None = None
+    cp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    # dp x cp: the ranks holding the same weights (the dp group itself when cp = 1)
+    dp_cp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     embedding_group: dist.ProcessGroup | None = None
     # tp sub-groups by block size: the ranks that share one replicated kv head
@@ -128,6 +153,15 @@ class Topology:
         return self.layout.dp
 
     @property
+    def cp(self) -> int:
+        return self.layout.cp
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold the same weights: the size of the gradient reduction and of ZeRO's shards."""
+        return self.layout.dp * self.layout.cp
+
+    @property
     def world(self) -> int:
         return self.layout.world
 
@@ -144,6 +178,15 @@ class Topology:
         return self.layout.coords(self.rank)[2]
 
     @property
+    def cp_rank(self) -> int:
+        return self.layout.cp_of(self.rank)
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's place in `dp_cp_group` (dp-major, as the group lists its ranks)."""
+        return self.dp_rank * self.cp + self.cp_rank
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -156,18 +199,18 @@ class Topology:
         """Global rank of the previous pipeline stage (same dp and tp coordinates)."""
         if self.is_first_stage:
             return None
-        return self.layout.rank_of(self.pp_rank - 1, self.dp_rank, self.tp_rank)
+        return self.layout.rank_of(self.pp_rank - 1, self.dp_rank, self.tp_rank, self.cp_rank)
 
     @property
     def pp_next_rank(self) -> int | None:
         if self.is_last_stage:
             return None
-        return self.layout.rank_of(self.pp_rank + 1, self.dp_rank, self.tp_rank)
+        return self.layout.rank_of(self.pp_rank + 1, self.dp_rank, self.tp_rank, self.cp_rank)
 
     @property
     def pp_last_rank(self) -> int:
         """Global rank of the last stage of this rank's pipeline (it computes the loss)."""
-        return self.layout.rank_of(self.pp - 1, self.dp_rank, self.tp_rank)
+        return self.layout.rank_of(self.pp - 1, self.dp_rank, self.tp_rank, self.cp_rank)
 
     def tp_block_group(self, block: int) -> dist.ProcessGroup | None:
         """The group of `block` consecutive tp ranks containing this rank."""
@@ -191,6 +234,7 @@ class Topology:
         tp: int = 1,
         pp: int = 1,
         dp: int | None = None,
+        cp: int = 1,
         device: str = "cpu",
         timeout_s: float = 600.0,
     ) -> "Topology":
@@ -206,7 +250,7 @@ class Topology:
                 f"(or use --nproc N to let it launch local ranks)"
             )
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        layout = resolve_layout(world, tp, pp, dp)
+        layout = resolve_layout(world, tp, pp, dp, cp)
         dev = torch.device(device)
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -229,10 +273,11 @@ class Topology:
 
     @classmethod
     def from_initialized(
-        cls, tp: int = 1, pp: int = 1, dp: int | None = None, device: str = "cpu", timeout_s: float = 600.0
+        cls, tp: int = 1, pp: int = 1, dp: int | None = None, device: str = "cpu", timeout_s: float = 600.0,
+        cp: int = 1,
     ) -> "Topology":
         """Build the groups on an already initialised default process group (tests, notebooks)."""
-        layout = resolve_layout(dist.get_world_size(), tp, pp, dp)
+        layout = resolve_layout(dist.get_world_size(), tp, pp, dp, cp)
         return cls._with_groups(layout, torch.device(device), timeout_s)
 
     @classmethod
@@ -254,6 +299,8 @@ class Topology:
         topo = cls(layout=layout, rank=rank, device=device)
         topo.tp_group = mine(layout.tp_groups())
         topo.dp_group = mine(layout.dp_groups())
+        topo.cp_group = mine(layout.cp_groups()) if layout.cp > 1 else None
+        topo.dp_cp_group = mine(layout.dp_cp_groups()) if layout.cp > 1 else topo.dp_group
         topo.pp_group = mine(layout.pp_groups())
         # middle pipeline stages (pp >= 3) hold no embedding copy and belong to no such group
         topo.embedding_group = mine(layout.embedding_groups(), required=False)
@@ -264,8 +311,9 @@ class Topology:
 
     def describe(self) -> str:
         return (
-            f"rank {self.rank}/{self.world} (tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, "
-            f"dp {self.dp_rank}/{self.dp}) on {self.device}"
+            f"rank {self.rank}/{self.world} (tp {self.tp_rank}/{self.tp}, "
+            + (f"cp {self.cp_rank}/{self.cp}, " if self.cp > 1 else "")
+            + f"pp {self.pp_rank}/{self.pp}, dp {self.dp_rank}/{self.dp}) on {self.device}"
         )
 
 

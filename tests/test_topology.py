@@ -112,3 +112,50 @@ def _bad_layout_on_every_rank() -> str:
 def test_bad_layout_fails_on_every_rank_without_hanging(dist_pool):
     msgs = dist_pool.run(4, "test_topology:_bad_layout_on_every_rank", timeout=60)
     assert msgs == ["world size 4 is not divisible by tp*pp = 3*1 = 3; choose tp and pp whose product divides 4"] * 4
+
+
+def test_cp_rank_order_is_tp_then_cp_then_dp_then_pp():
+    """Megatron's order: a cp group is contiguous right after tp; dp x cp holds equal weights."""
+    layout = Layout(tp=2, pp=2, dp=2, cp=2)
+    assert layout.world == 16
+    assert layout.cp_groups()[:3] == [[0, 2], [1, 3], [4, 6]]
+    assert layout.dp_groups()[:2] == [[0, 4], [1, 5]]
+    assert layout.dp_cp_groups()[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert layout.pp_groups()[0] == [0, 8]
+    for rank in range(layout.world):
+        pp, dp, tp = layout.coords(rank)
+        cp = layout.cp_of(rank)
+        assert layout.rank_of(pp, dp, tp, cp) == rank
+        assert rank == ((pp * 2 + dp) * 2 + cp) * 2 + tp
+    # every rank of a dp x cp group has the same (pp, tp): the same weights
+    for group in layout.dp_cp_groups():
+        assert len({(layout.coords(r)[0], layout.coords(r)[2]) for r in group}) == 1
+
+
+@pytest.mark.parametrize(
+    "world, tp, pp, dp, cp, words",
+    [
+        (8, 2, 1, None, 3, "world size 8 is not divisible by tp*cp*pp = 2*3*1 = 6; choose tp, cp and pp"),
+        (8, 1, 1, 2, 2, "dp=2 disagrees with world size 8 / (tp=1 * cp=2 * pp=1) = 4"),
+        (8, 1, 1, None, 0, "cp must be a whole number >= 1, got 0"),
+    ],
+)
+def test_bad_cp_layouts_name_the_numbers(world, tp, pp, dp, cp, words):
+    with pytest.raises(UserError) as info:
+        resolve_layout(world, tp, pp, dp, cp)
+    assert words in str(info.value)
+
+
+def test_cp_needs_a_sequence_of_2cp_chunks():
+    import torch
+
+    from trident.parallel.context.sharding import check_cp, load_balanced_index, shard_sequence
+
+    with pytest.raises(UserError, match="sequence length 12 is not divisible by 2\\*cp = 8"):
+        check_cp(12, 4)
+    index = load_balanced_index(16, 4)
+    assert index.tolist() == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
+    x = torch.arange(32).view(2, 16)
+    assert shard_sequence(x, 4, 1).tolist() == [[2, 3, 12, 13], [18, 19, 28, 29]]
+    # the shards are a permutation of the sequence: every token on exactly one rank
+    assert sorted(index.flatten().tolist()) == list(range(16))

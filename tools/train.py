@@ -1,4 +1,4 @@
-"""`trident train --config FILE.yaml [--tp N] [--pp N] [--dp N] [--nproc N] [--run-dir DIR] [section.key=value ...]`
+"""`trident train --config FILE.yaml [--tp N] [--cp N] [--pp N] [--dp N] [--nproc N] [--run-dir DIR] [section.key=value ...]`
 
 Under torchrun (or any launcher that sets RANK/WORLD_SIZE/...) this process is one rank.
 Outside a launcher, `--nproc N` starts N local ranks through torch's elastic launcher with
@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML config (see configs/); defaults apply when omitted")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (parallel.tp)")
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (parallel.pp)")
+    p.add_argument("--cp", type=int, default=None, help="context-parallel size (parallel.cp): ranks per sequence")
     p.add_argument("--dp", type=int, default=None, help="data-parallel size (parallel.dp); derived when unset")
     p.add_argument("--nproc", type=int, default=None, help="start this many local ranks (outside torchrun)")
     p.add_argument("--run-dir", default=None, help="where metrics, the resolved config and checkpoints go")
@@ -32,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """The flag shortcuts (--tp/--pp/--dp) as config overrides, after the positional ones."""
+    """The flag shortcuts (--tp/--cp/--pp/--dp) as config overrides, after the positional ones."""
     extra = list(args.overrides)
-    for name in ("tp", "pp", "dp"):
+    for name in ("tp", "pp", "dp", "cp"):
         value = getattr(args, name)
         if value is not None:
             extra.append(f"parallel.{name}={value}")

@@ -25,6 +25,7 @@ import yaml
 from trident.errors import UserError
 from trident.model.config import ModelConfig
 from trident.model.gpt import RECOMPUTE
+from trident.parallel.context.sharding import check_cp
 from trident.parallel.pipeline.schedule import SCHEDULES as PIPELINE_SCHEDULES
 from trident.parallel.pipeline.schedule import check_layout
 from trident.parallel.topology import resolve_layout
@@ -95,7 +96,10 @@ class ParallelSection:
     pp: int = 1
     """Pipeline-parallel size (stages)."""
     dp: int | None = None
-    """Data-parallel size; derived as world / (tp * pp) when unset."""
+    """Data-parallel size; derived as world / (tp * cp * pp) when unset."""
+    cp: int = 1
+    """Context-parallel size: each sequence is split over cp ranks (ring attention);
+    data.seq_len must be a multiple of 2 * cp (load-balanced chunks)."""
     sequence_parallel: bool = False
     """Shard norms, dropout and residuals along the sequence over the tp group."""
     pp_split: list[int] | None = None
@@ -347,16 +351,26 @@ class Derived:
 def derive(cfg: Config, world: int) -> Derived:
     """Check the layout against the world and the batch sizes against the layout."""
     p = cfg.parallel
-    layout = resolve_layout(world, p.tp, p.pp, p.dp)
+    layout = resolve_layout(world, p.tp, p.pp, p.dp, p.cp)
     cfg.model.check_tp(p.tp)
+    check_cp(cfg.data.seq_len, p.cp)
+    if p.cp > 1 and cfg.model.attention_dropout > 0:
+        raise UserError(
+            f"model.attention_dropout={cfg.model.attention_dropout} cannot be used with parallel.cp={p.cp} "
+            f"(ring attention has no dropout); set model.attention_dropout=0 or parallel.cp=1"
+        )
     per_step = cfg.train.micro_batch_size * layout.dp
     if cfg.train.global_batch_size % per_step != 0:
         raise UserError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
             f"train.micro_batch_size x dp = {cfg.train.micro_batch_size} x {layout.dp} = {per_step}"
         )
-    if p.sequence_parallel and cfg.data.seq_len % p.tp != 0:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} is not divisible by tp={p.tp} (sequence parallelism)")
+    if p.sequence_parallel and cfg.data.seq_len % (p.tp * p.cp) != 0:
+        per = "" if p.cp == 1 else f" x cp={p.cp}"
+        raise UserError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by tp={p.tp}{per} (sequence parallelism shards "
+            f"each rank's {'' if p.cp == 1 else 'share of the '}sequence over tp)"
+        )
     microbatches = cfg.train.global_batch_size // per_step
     check_layout(p.pp_schedule, p.pp, microbatches, p.vpp)
     if p.pp * p.vpp > cfg.model.n_layers:

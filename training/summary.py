@@ -67,7 +67,8 @@ def summary_lines(trainer: Trainer) -> list[str]:
     local = sum(param.numel() for param in trainer.model.parameters())
     seq = "on" if p.sequence_parallel else "off"
     rows = [
-        ("layout", f"tp={topo.tp} pp={topo.pp} dp={topo.dp} (world {topo.world}), sequence parallel {seq}"),
+        ("layout", f"tp={topo.tp} {f'cp={topo.cp} ' if topo.cp > 1 else ''}pp={topo.pp} dp={topo.dp} "
+                   f"(world {topo.world}), sequence parallel {seq}"),
         ("parameters", f"{total:,} ({human(total)}) total; {local:,} on this rank "
                        f"(rank {topo.rank}: tp rank {topo.tp_rank}, pp stage {topo.pp_rank})"),
         ("tokens/step", f"{d.tokens_per_step:,} ({t.global_batch_size} sequences x {cfg.data.seq_len} tokens)"),

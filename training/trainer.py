@@ -70,7 +70,9 @@ class Trainer:
         self.model = build_model(cfg, self.topo, self.rng)
         self.optimizer = build_optimizer(cfg, self.model, self.topo)
         self.schedule = build_schedule(cfg)
-        self.act_shape = activation_shape(t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden, self.topo.tp, p.sequence_parallel)
+        self.act_shape = activation_shape(
+            t.micro_batch_size, cfg.data.seq_len, cfg.model.hidden, self.topo.tp, p.sequence_parallel, self.topo.cp
+        )
         self.step = 0
         self.activation_peak: tuple[int, str] | None = None  # (bytes, how measured) of the last metered step
         self.data = build_data(cfg, self.topo, consumed_samples=0)
@@ -139,7 +141,8 @@ class Trainer:
         ckpt.load_model(path, self.model)
         ckpt.load_optimizer(path, self.optimizer)
         lay = state.layout
-        same = (lay.tp, lay.pp, lay.dp) == (self.topo.tp, self.topo.pp, self.topo.dp)
+        cp = lay.world // (lay.tp * lay.pp * lay.dp)  # the format has no cp: it is what the world leaves
+        same = (lay.tp, cp, lay.pp, lay.dp) == (self.topo.tp, self.topo.cp, self.topo.pp, self.topo.dp)
         ckpt.load_rng(path, self.topo, self.rng, same_layout=same)
         self.schedule.load_state_dict(state.scheduler)
         self.optimizer.scaler.load_state_dict(state.loss_scaler)
@@ -149,7 +152,7 @@ class Trainer:
         self.step = state.step
         self.resumed_from = path
         self.saved_step = self.step  # nothing new to save until the next step
-        where = "" if same else f" (saved at tp={lay.tp} pp={lay.pp} dp={lay.dp}, resharded)"
+        where = "" if same else f" (saved at tp={lay.tp} {f'cp={cp} ' if cp > 1 else ''}pp={lay.pp} dp={lay.dp}, resharded)"
         self.log(f"resumed from {path} at step {self.step}{where}")
         return True
 

@@ -68,6 +68,7 @@ from torch import nn
 
 from trident.errors import UserError
 from trident.parallel.collectives import all_reduce, all_reduce_coalesced
+from trident.parallel.context.sharding import shard_microbatch
 from trident.parallel.pipeline.p2p import StageComm
 from trident.parallel.pipeline.schedule import SCHEDULES, SPLIT_BACKWARD, Exchange, check_layout
 from trident.parallel.pipeline.schedule import forward_only as forward_only_steps
@@ -153,6 +154,8 @@ def run_pipeline(
     """
     p, r, m = topo.pp, topo.pp_rank, len(microbatches)
     _check_args(model, topo, microbatches, act_shape, loss_divisor, schedule, vpp)
+    # context parallelism: this rank runs its s/cp tokens of every sample (doc_ids stay whole)
+    microbatches = [shard_microbatch(dict(mb), topo.cp, topo.cp_rank) for mb in microbatches]
     training = not forward_only
     split = training and schedule in SPLIT_BACKWARD
     steps = schedule_steps(schedule, p, r, m, vpp) if training else forward_only_steps(p, r, m, vpp)
@@ -190,12 +193,15 @@ def run_pipeline(
 
 
 def _global_loss(local: torch.Tensor, topo: Topology, over_dp: bool) -> torch.Tensor:
-    """The last stage's value on every rank of the pipeline, summed over dp replicas."""
+    """The last stage's value on every rank of the pipeline, summed over the cp ranks (each
+    holds part of every sequence's tokens) and over dp replicas."""
     value = local.reshape(1).clone()
     if topo.pp > 1:
         dist.broadcast(value, src=topo.pp_last_rank, group=topo.pp_group)
-    if over_dp and topo.dp > 1:
-        all_reduce(value, topo.dp_group)
+    if over_dp and topo.dp_cp > 1:
+        all_reduce(value, topo.dp_cp_group)
+    elif topo.cp > 1:
+        all_reduce(value, topo.cp_group)
     return value
 
 

@@ -32,14 +32,18 @@ import torch
 import torch.distributed as dist
 
 from trident.errors import UserError
+from trident.parallel.context.sharding import check_cp
 from trident.parallel.topology import Topology
 
 
 def activation_shape(
-    micro_batch_size: int, seq_len: int, hidden: int, tp: int = 1, sequence_parallel: bool = False
+    micro_batch_size: int, seq_len: int, hidden: int, tp: int = 1, sequence_parallel: bool = False, cp: int = 1
 ) -> tuple[int, int, int]:
-    """Shape of the hidden state between stages: [b, s, hidden], or [b, s/tp, hidden]
-    when sequence parallelism shards the sequence (each tp rank sends its own shard)."""
+    """Shape of the hidden state between stages: [b, s/cp, hidden] (a context-parallel
+    rank holds s/cp tokens of each sample), or [b, s/cp/tp, hidden] when sequence
+    parallelism shards that further (each tp rank sends its own shard)."""
+    check_cp(seq_len, cp)
+    seq_len //= cp
     if sequence_parallel and tp > 1:
         if seq_len % tp != 0:
             raise UserError(f"sequence length {seq_len} is not divisible by tp={tp} (sequence parallelism)")
@@ -65,8 +69,8 @@ class StageComm:
         self.prev, self.next = topo.pp_prev_rank, topo.pp_next_rank
         if ring and topo.pp > 1:
             p, rank_of = topo.pp, topo.layout.rank_of
-            self.prev = rank_of((topo.pp_rank - 1) % p, topo.dp_rank, topo.tp_rank)
-            self.next = rank_of((topo.pp_rank + 1) % p, topo.dp_rank, topo.tp_rank)
+            self.prev = rank_of((topo.pp_rank - 1) % p, topo.dp_rank, topo.tp_rank, topo.cp_rank)
+            self.next = rank_of((topo.pp_rank + 1) % p, topo.dp_rank, topo.tp_rank, topo.cp_rank)
         self.in_flight: list[dist.Work] = []  # posted without waiting; waited by the next exchange
         self.in_flight_tensors: list[torch.Tensor] = []  # kept alive until then
         self.group = topo.pp_group

@@ -110,9 +110,11 @@ class GradBuffer:
         if not isinstance(bucket_size, int) or bucket_size < 1:
             raise UserError(f"bucket size {bucket_size!r} must be a whole number of elements >= 1")
         self.topo, self.zero, self.overlap = topo, zero, overlap
-        self.dp = topo.dp
-        self.dp_rank = topo.dp_rank
-        self.group = topo.dp_group
+        # the ranks holding the same weights: dp, times cp under context parallelism (cp
+        # ranks see different tokens of the same samples, so their gradients are summed too)
+        self.dp = topo.dp_cp
+        self.dp_rank = topo.dp_cp_rank
+        self.group = topo.dp_cp_group
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise UserError("the model has no trainable parameters to optimise")

@@ -304,7 +304,7 @@ class DistributedOptimizer:
         shard = report["shard_numel"]
         per_elem = 4 * (2 if self.master_is_param else 3)
         # every rank holds the same shard size; what exceeds total/dp is padding's share
-        shards = 1 if self.cfg.zero == 0 else self.topo.dp
+        shards = 1 if self.cfg.zero == 0 else self.topo.dp_cp
         padding_share = -(-report["padding"] * per_elem // shards)
         report.update(
             zero=self.cfg.zero,

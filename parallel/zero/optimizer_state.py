@@ -90,12 +90,15 @@ def state_dict(opt: "DistributedOptimizer") -> dict:
             tensors[f"{kind}/{meta['key']}"] = gather_runs(local_runs(opt, k, meta, i, off), meta["count"])
         entries.append(meta)
     t = opt.topo
+    layout = {"tp": t.tp, "pp": t.pp, "dp": t.dp, "tp_rank": t.tp_rank, "pp_rank": t.pp_rank,
+              "dp_rank": t.dp_rank, "zero": opt.cfg.zero}
+    if t.cp > 1:  # informational: entries name global tensors and ranges, so a load ignores it
+        layout.update(cp=t.cp, cp_rank=t.cp_rank)
     return {
         "tensors": tensors,
         "meta": {
             "format": STATE_FORMAT,
-            "layout": {"tp": t.tp, "pp": t.pp, "dp": t.dp, "tp_rank": t.tp_rank, "pp_rank": t.pp_rank,
-                       "dp_rank": t.dp_rank, "zero": opt.cfg.zero},
+            "layout": layout,
             "step": opt.step_count,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
             "loss_scaler": opt.scaler.state_dict(),

@@ -1,0 +1,1 @@
+"""trident.parallel.context"""
