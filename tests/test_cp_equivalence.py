@@ -11,6 +11,8 @@ and ZeRO-1 shards the optimizer over dp x cp.
 
 from __future__ import annotations
 
+import pytest
+
 TOL = 1e-5
 STEPS = 3
 ROWS = 4  # sequences per global batch
@@ -187,3 +189,46 @@ def test_cp_layouts_on_4_ranks_match_single_process(dist_pool):
 
 def test_cp_with_tp_and_pp_matches_single_process(dist_pool):
     _assert_close(dist_pool.run(8, "test_cp_equivalence:_check_layouts", timeout=300, size=8))
+
+
+def _check_variants(size: int) -> list[str]:
+    """Every position scheme under cp, with recomputation: the model called directly on its
+    s/cp tokens (the whole sequence's doc_ids), loss and every gradient against one process."""
+    import torch.distributed as dist
+    from equivalence import VARIANTS, gather_checked, reference_step, rel_err
+
+    from trident.model.gpt import GPT
+    from trident.parallel.collectives import all_reduce
+    from trident.parallel.context.sharding import shard_microbatch
+    from trident.parallel.tensor.layers import sync_tp_partial_grads
+    from trident.parallel.topology import Topology
+
+    checked = []
+    tp = size // 2
+    topo = Topology.from_initialized(tp=tp, cp=2)
+    for name, cfg in VARIANTS.items():
+        data = global_batch(cfg, 7)
+        ref = reference_step(cfg, data)
+        mine = shard_microbatch(data, topo.cp, topo.cp_rank)
+        for recompute in ("none", "selective", "full"):
+            model = GPT(cfg, topo, sequence_parallel=tp > 1, recompute=recompute)
+            model.init_weights(0)
+            loss = model(mine["tokens"], labels=mine["labels"], doc_ids=mine["doc_ids"]).sum() / data["labels"].numel()
+            loss.backward()
+            sync_tp_partial_grads(model, topo)
+            for p in model.parameters():
+                all_reduce(p.grad, topo.cp_group)
+            grads = gather_checked(model, dist.group.WORLD, grads=True, names={n: g.shape for n, g in ref["grads"].items()})
+            total = all_reduce(loss.detach().clone(), topo.cp_group)
+            where = f"{name} tp={tp} cp=2 recompute={recompute}"
+            assert rel_err(total, ref["loss"]) <= TOL, f"{where}: loss {total.item()} vs {ref['loss'].item()}"
+            for n, g in ref["grads"].items():
+                assert rel_err(grads[n], g) <= TOL, f"{where}: gradient of {n} differs by {rel_err(grads[n], g):.2e}"
+            checked.append(where)
+    return checked
+
+
+@pytest.mark.parametrize("size", [2, 4], ids=["cp2", "tp2-cp2"])
+def test_every_position_scheme_and_recompute_under_cp(dist_pool, size):
+    checked = dist_pool.run(size, "test_cp_equivalence:_check_variants", timeout=240, size=size)
+    assert len(checked[0]) == 12, checked[0]

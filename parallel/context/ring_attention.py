@@ -21,6 +21,7 @@ have to be reproduced per pair and per rank; nothing here draws one).
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -42,6 +43,10 @@ from trident.parallel.topology import group_rank, group_size
 # (query half, key half) pairs computed by this process, keyed "forward" / "backward";
 # tests clear and read it to prove that invisible pairs are skipped.
 PAIR_COUNTS: Counter[str] = Counter()
+# What the ring's transfers cost this process: "sent_bytes", and "wait_s", the seconds spent
+# waiting for a transfer after the block's compute was done (the part not hidden behind it;
+# host time, so on CUDA only what the host waits). `trident bench cp` reads and clears it.
+RING_STATS: Counter[str] = Counter()
 
 _TAG_KV, _TAG_DKV = 1, 2  # distinct tags keep a K/V block and a dK/dV block from ever matching
 
@@ -85,7 +90,18 @@ class _Ring:
             dist.P2POp(dist.isend, send, self.send_to, self.group, tag),
             dist.P2POp(dist.irecv, recv, self.recv_from, self.group, tag),
         ]
+        RING_STATS["sent_bytes"] += send.numel() * send.element_size()
         return dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list[dist.Work]) -> None:
+    """Wait for posted transfers, counting the time it takes in `RING_STATS`."""
+    if not works:
+        return
+    start = time.perf_counter()
+    for work in works:
+        work.wait()
+    RING_STATS["wait_s"] += time.perf_counter() - start
 
 
 def _make_ring(
@@ -154,8 +170,7 @@ class _RingAttention(torch.autograd.Function):
                 o_b, l_b = pair_forward(s, vf[:, :, pair.k])
                 out[:, :, :, pair.q], lse[..., pair.q] = merge(out[:, :, :, pair.q], lse[..., pair.q], o_b, l_b)
                 PAIR_COUNTS["forward"] += 1
-            for work in pending:
-                work.wait()
+            _wait(pending)
         result = out.reshape(q.shape).to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse)
         ctx.ring = ring
@@ -178,17 +193,14 @@ class _RingAttention(torch.autograd.Function):
             cur = bufs[step % 2]
             pending = ring.shift(cur, bufs[(step + 1) % 2], _TAG_KV) if step < ring.cp - 1 else []
             dkv = _block_grads(ring, step, qf, cur, do, lse, delta, dq)  # [2, b, hk, sl, d] fp32
-            for work in dkv_pending:
-                work.wait()
+            _wait(dkv_pending)
             if dkv_in is not None:
                 dkv += dkv_in
             if ring.cp > 1:  # onward with the block; after the last step this hop returns it home
                 dkv_in = torch.empty_like(dkv)
                 dkv_pending = ring.shift(dkv, dkv_in, _TAG_DKV)
-            for work in pending:
-                work.wait()
-        for work in dkv_pending:
-            work.wait()
+            _wait(pending)
+        _wait(dkv_pending)
         dkv = dkv if dkv_in is None else dkv_in
         dq = dq.reshape(q.shape).to(q.dtype)
         return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
