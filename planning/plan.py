@@ -36,13 +36,26 @@ class Settings:
     bucket_mb: float = 25.0
     doc_masking: bool = True
     overlap_grad_reduce: bool = True
+    cp: int = 1  # context-parallel size: each cp rank holds seq_len/cp tokens of every sample
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def dp_cp(self) -> int:
+        """The ranks that hold the same weights: gradients are reduced, and ZeRO shards,
+        over dp·cp (cp ranks see other tokens of the same samples)."""
+        return self.dp * self.cp
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of each sample on one rank (its 2 load-balanced chunks under cp)."""
+        return self.seq_len // self.cp
 
     @property
     def microbatches(self) -> int:
+        """cp ranks share their samples, so cp does not enter the batch arithmetic."""
         return self.global_batch_size // (self.micro_batch_size * self.dp)
 
     @property
@@ -87,9 +100,15 @@ class StagePlan:
     @property
     def peak_bytes(self) -> int:
         """The step's peak: the full gradient buffer during backward, the W closures of a
-        split backward, and the transfers the pipeline executor holds besides."""
+        split backward, the transfers the pipeline executor holds besides, and (cp > 1) the
+        ring attention's blocks in flight."""
         return (self.param_bytes + self.state.grad_peak_bytes + self.optimizer_bytes + self.activation_bytes
-                + self.activations.pipeline_buffer)
+                + self.buffer_bytes)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Transfers held besides autograd's saved tensors: pipeline and ring."""
+        return self.activations.pipeline_buffer + self.activations.ring_buffer
 
 
 @dataclass

@@ -11,9 +11,15 @@ here, that can be read and changed without touching the memory accounting:
   again for a full recomputation), pp (activations forward, gradients backward, once
   per chunk: v times as many under the interleaved schedule), dp
   (gradient all-reduce at ZeRO-0; reduce-scatter plus the parameter all-gather at
-  ZeRO-1/2), and the tied-embedding gradient sum between first and last stage. Ring
-  algorithms: an all-reduce of n bytes over g ranks sends 2 (g-1)/g n per rank, an
-  all-gather or reduce-scatter (g-1)/g n.
+  ZeRO-1/2, over dp·cp: cp ranks hold the same weights), the tied-embedding gradient
+  sum between first and last stage, and cp (ring attention's point-to-point blocks,
+  `ring_bytes_per_layer`). Ring algorithms: an all-reduce of n bytes over g ranks sends
+  2 (g-1)/g n per rank, an all-gather or reduce-scatter (g-1)/g n.
+* Context parallelism: a rank computes seq_len/cp tokens of each sample, every one of
+  them still attending to the whole (causal) sequence, so all its FLOPs, attention's
+  included, fall by cp; Megatron's load-balanced chunks make every cp rank's share
+  equal, so no rank is the slowest. The ring's transfers overlap the attention of the
+  block in hand: per block, only what the transfer takes beyond that compute is exposed.
 * A step time from a roofline with the declared device figures
   (`trident.planning.devices`): each stage's microbatch takes max(FLOPs / achievable
   peak, bytes / memory bandwidth) plus its tp and pp transfers (on NVLink inside a node,
@@ -21,7 +27,7 @@ here, that can be read and changed without touching the memory accounting:
   takes its schedule's ideal time on the slowest stage's costs
   (`trident.parallel.pipeline.schedule.ideal_time`: 1F1B and GPipe (m + pp - 1) slots,
   interleaved (m·v + pp - 1)/v, ZB-H1 m slots + (pp - 1) forwards, its W being the
-  weight-gradient matmuls), the dp reduction is exposed beyond the last microbatch's
+  weight-gradient matmuls), the dp·cp reduction is exposed beyond the last microbatch's
   backward, and the optimizer streams its state once. It is a model, not a measurement:
   use it to rank layouts.
 """
@@ -33,7 +39,8 @@ from trident.parallel.pipeline.schedule import ideal_time
 from trident.parallel.tensor.layers import padded_vocab_size
 from trident.planning.devices import Device
 from trident.planning.plan import Settings, StagePlan
-from trident.planning.plan_memory import DTYPE_BYTES
+from trident.planning.plan_memory import DTYPE_BYTES, Shapes
+from trident.planning.plan_pipeline import dkv_block_bytes, kv_block_bytes
 
 
 # --- FLOPs ------------------------------------------------------------------------------------
@@ -60,7 +67,7 @@ def _stage_flops_per_microbatch(model: ModelConfig, st: Settings, stage: StagePl
     per_token = len(stage.layers) * per_token_layer
     if stage.stage == st.pp - 1:
         per_token += 6.0 * model.vocab_size * h
-    return per_token * st.micro_batch_size * s / st.tp
+    return per_token * st.micro_batch_size * st.local_seq / st.tp  # this cp rank's tokens
 
 
 # --- communication ----------------------------------------------------------------------------
@@ -76,7 +83,7 @@ def _tp_bytes_per_microbatch(model: ModelConfig, st: Settings, stage: StagePlan)
     t, e = st.tp, DTYPE_BYTES[st.dtype]
     if t == 1:
         return 0.0, 0
-    n = st.micro_batch_size * st.seq_len * model.hidden * e  # a full [b, s, h] activation
+    n = st.micro_batch_size * st.local_seq * model.hidden * e  # a full [b, s/cp, h] activation
     # per layer, forward and backward each: two all-reduces (or an all-gather and a
     # reduce-scatter per all-reduce under sp: the same bytes); full recompute: forward again
     passes = 3 if st.recompute == "full" else 2
@@ -92,14 +99,14 @@ def _tp_bytes_per_microbatch(model: ModelConfig, st: Settings, stage: StagePlan)
         total += _ring("all_reduce", n, t)
         calls += 2 if st.sp else 1
     if stage.stage == st.pp - 1:  # head input, and the cross-entropy's three [b, s] all-reduces
-        total += _ring("all_reduce", n, t) + 3 * _ring("all_reduce", 4 * st.micro_batch_size * st.seq_len, t)
+        total += _ring("all_reduce", n, t) + 3 * _ring("all_reduce", 4 * st.micro_batch_size * st.local_seq, t)
         calls += (2 if st.sp else 1) + 3
     return total, calls
 
 
 def _boundary_bytes(model: ModelConfig, st: Settings) -> float:
     """Bytes of the activation one microbatch sends between pipeline stages."""
-    seq = st.seq_len // st.tp if st.sp else st.seq_len
+    seq = st.local_seq // st.tp if st.sp else st.local_seq
     return st.micro_batch_size * seq * model.hidden * DTYPE_BYTES[st.dtype]
 
 
@@ -116,15 +123,60 @@ def comm_bytes(model: ModelConfig, st: Settings, stages: list[StagePlan]) -> dic
     for s in stages:
         grads = s.state.padded_numel * 4
         if st.zero == 0:
-            b = _ring("all_reduce", grads, st.dp)
+            b = _ring("all_reduce", grads, st.dp_cp)
         else:
-            b = _ring("reduce_scatter", grads, st.dp) + _ring("all_gather", s.state.padded_numel * e, st.dp)
+            b = _ring("reduce_scatter", grads, st.dp_cp) + _ring("all_gather", s.state.padded_numel * e, st.dp_cp)
         dp = max(dp, b)
-    out["dp"] = dp
+    out["dp"] = dp  # over dp·cp
+    if st.cp > 1:
+        out["cp"] = max(len(s.layers) for s in stages) * m * sum(ring_bytes_per_layer(model, st))
     if model.tie_embeddings and st.pp > 1:
         vocab = padded_vocab_size(model.vocab_size, model.vocab_pad_multiple, st.tp) // st.tp
         out["embedding"] = _ring("all_reduce", vocab * model.hidden * e, 2)
     return out
+
+
+def _shapes(model: ModelConfig, st: Settings) -> Shapes:
+    return Shapes(model, st.micro_batch_size, st.seq_len, st.tp, st.sp, st.dtype, "cuda", st.doc_masking, st.cp)
+
+
+def ring_bytes_per_layer(model: ModelConfig, st: Settings) -> tuple[float, float]:
+    """(forward, backward) bytes one cp rank sends per layer per microbatch in the ring.
+
+    Forward, cp - 1 K/V blocks (its own is computed at home); backward, cp - 1 K/V blocks
+    again and cp fp32 dK/dV accumulators (each travels with its block and a last hop
+    takes the finished sum home, `trident.parallel.context.ring_attention`).
+    Recomputation replays the forward ring in backward: the attention core is rebuilt
+    under selective and full.
+    """
+    if st.cp == 1:
+        return 0.0, 0.0
+    x = _shapes(model, st)
+    kv, dkv = kv_block_bytes(x), dkv_block_bytes(x)
+    replay = kv if st.recompute in ("selective", "full") else 0
+    return float((st.cp - 1) * kv), float((st.cp - 1) * (kv + replay) + st.cp * dkv)
+
+
+def ring_time(model: ModelConfig, st: Settings, device: Device, n_layers: int) -> tuple[float, float]:
+    """(transfer, exposed) seconds of one microbatch's ring transfers over `n_layers`.
+
+    Each hop is posted before the block in hand is computed and waited on after, so it
+    hides behind that block's attention (1/cp of the layer's attention FLOPs on this rank
+    forward, twice that in backward): what a hop takes (bytes / link + latency) beyond it
+    is exposed. The backward's last dK/dV hop, which takes the sum home, has nothing left
+    to hide behind."""
+    if st.cp == 1:
+        return 0.0, 0.0
+    peak = device.peak_tflops(st.dtype) * 1e12 * device.matmul_efficiency
+    bw, lat = _bandwidth(device, st.tp * st.cp), device.latency_us * 1e-6
+    block = 4.0 * model.hidden * st.seq_len * st.micro_batch_size * st.local_seq / st.tp / st.cp / peak
+    x = _shapes(model, st)
+    kv, dkv = kv_block_bytes(x) / bw + lat, dkv_block_bytes(x) / bw + lat
+    passes = 2 if st.recompute in ("selective", "full") else 1  # forward rings (replayed under recompute)
+    hops = st.cp - 1
+    transfer = passes * hops * kv + hops * (kv + dkv) + dkv
+    exposed = passes * hops * max(0.0, kv - block) + hops * max(0.0, kv + dkv - 2 * block) + dkv
+    return n_layers * transfer, n_layers * exposed
 
 
 # --- time -------------------------------------------------------------------------------------
@@ -143,9 +195,9 @@ def step_time(
     m = st.microbatches
     lat = device.latency_us * 1e-6
     tp_bw = _bandwidth(device, st.tp)
-    dp_bw = _bandwidth(device, st.tp * st.dp)
+    dp_bw = _bandwidth(device, st.tp * st.cp * st.dp)
     pp_bw = _bandwidth(device, st.world)
-    slot = compute = forward = weight = 0.0
+    slot = compute = forward = weight = ring = ring_exposed = 0.0
     for s in stages:
         flops = _stage_flops_per_microbatch(model, st, s)
         # weights read in forward and twice in backward, fp32 gradients accumulated, the
@@ -154,22 +206,24 @@ def step_time(
         traffic = numel * (3 * e + 8) + s.activations.per_microbatch * (4 if st.recompute == "full" else 2)
         work = max(flops / peak, traffic / hbm)
         tp_b, tp_calls = _tp_bytes_per_microbatch(model, st, s)
-        link = tp_b / tp_bw + tp_calls * lat
+        ring_s, ring_exposed_s = ring_time(model, st, device, len(s.layers))
+        link = tp_b / tp_bw + tp_calls * lat + ring_exposed_s
         if st.pp > 1:  # an activation and a gradient per chunk
             act = _boundary_bytes(model, st)
             link += 2 * st.vpp * (act / pp_bw + lat)
         if work + link > slot:
-            slot, compute = work + link, work
+            slot, compute, ring, ring_exposed = work + link, work, ring_s, ring_exposed_s
             # the slot's shares by FLOPs: forward, and the weight-gradient matmuls (ZB-H1's W)
             fwd, w = _forward_and_weight_flops(model, st)
             forward, weight = slot * fwd, slot * w
     pipeline = ideal_time(st.pp, m, forward, slot - forward, st.schedule, st.vpp, t_weight=weight)
-    dp_time = comm["dp"] / dp_bw + (2 * lat * max(1, len(stages)) if st.dp > 1 else 0.0)
+    dp_time = comm["dp"] / dp_bw + (2 * lat * max(1, len(stages)) if st.dp_cp > 1 else 0.0)
     if st.overlap_grad_reduce:
         dp_time = max(0.0, dp_time - 2.0 / 3.0 * compute)  # hidden behind the last backward
     optimizer = max((s.optimizer_bytes + s.state.grad_bytes) * 2 / hbm for s in stages)
     total = pipeline + dp_time + optimizer
-    parts = {"pipeline": pipeline, "bubble": pipeline - m * slot, "dp_exposed": dp_time, "optimizer": optimizer}
+    parts = {"pipeline": pipeline, "bubble": pipeline - m * slot, "dp_exposed": dp_time, "optimizer": optimizer,
+             "ring": m * ring, "ring_exposed": m * ring_exposed}  # cp: the slowest stage's, per step
     return total, parts
 
 

@@ -40,9 +40,17 @@ Nothing here allocates a model. Two parts, each written to agree with the code i
   Device matters in two places: CPU dropout keeps its mask in the compute dtype (CUDA a
   bool), and CPU SDPA falls back to the unfused kernel when attention dropout is on.
 
+  Context parallelism (cp > 1) gives a rank s/cp tokens of every sample (`Shapes.s`), so
+  every term above that grows with the sequence uses s/cp; the attention core is ring
+  attention's (q, k, v, its output and the fp32 log-sum-exp, k and v never repeated), and
+  ALiBi needs no mask table. The ring's K/V and dK/dV blocks in flight are not saved
+  tensors: `trident.planning.plan_pipeline.ring_buffer_bytes` adds them to the peak.
+  Bucket padding and ZeRO's shards span dp·cp (`state_bytes` is given dp·cp).
+
 Not counted (as the meter does not count them): temporaries that live within one op,
 gradients in flight during backward, communication buffers, and the tensors the pipeline
-executor holds in transit (`plan_pipeline.pipeline_buffer_bytes`).
+executor and the ring attention hold in transit (`plan_pipeline.pipeline_buffer_bytes`,
+`plan_pipeline.ring_buffer_bytes`).
 """
 
 from __future__ import annotations
@@ -182,16 +190,23 @@ class Shapes:
 
     cfg: ModelConfig
     b: int  # micro batch size
-    s: int  # sequence length
+    seq: int  # sequence length (the whole sample)
     tp: int
     sp: bool  # sequence parallelism (and tp > 1)
     dtype: str
     device: str  # "cuda" or "cpu"
     doc_masking: bool  # packed documents (no mask: causal attention per document; ALiBi's mask is per row)
+    cp: int = 1  # context parallelism: this rank holds seq/cp tokens of each sample
 
     @property
     def e(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def s(self) -> int:
+        """Tokens of each sample on this rank: every saved tensor that grows with the
+        sequence grows with this (seq/cp under context parallelism, its 2 chunks)."""
+        return self.seq // self.cp
 
     @property
     def sr(self) -> int:
@@ -216,6 +231,18 @@ class Shapes:
         return self.device == "cuda" or self.cfg.attention_dropout == 0.0
 
     @property
+    def output_copied(self) -> bool:
+        """Is the projection's input a copy of the core's saved output (the unfused kernel,
+        mostly ring attention) rather than a view of it (fused SDPA writes it as
+        [b, s, heads, hd])? Ring attention lays its output out as q: RoPE on the qkv view
+        writes q token-major, which makes the projection's input a view; a q that is
+        still a view of qkv (no RoPE), or that a QK-norm made head-major, is copied. A
+        rebuilt core then keeps its output once, not twice."""
+        if self.cp > 1:
+            return self.cfg.position != "rope" or self.cfg.qk_norm
+        return not self.fused_attention
+
+    @property
     def dropout_mask(self) -> int:
         """Bytes per element of a saved dropout mask."""
         return 1 if self.device == "cuda" else self.e
@@ -233,7 +260,7 @@ def _rewritten(x: Shapes) -> tuple[bool, bool, bool]:
     (grouped-query k and v go in unrepeated in fp32, where SDPA shares them over the query
     heads, and repeated in bf16/fp16: `trident.model.attention.Attention.core`)."""
     roped = x.cfg.position == "rope" or x.cfg.qk_norm
-    repeated = x.kv != x.heads and x.e != 4
+    repeated = x.kv != x.heads and x.e != 4 and x.cp == 1  # ring attention never repeats them
     return roped, roped or repeated, repeated
 
 
@@ -247,6 +274,13 @@ def attention_core_bytes(x: Shapes) -> int:
             total += _norm_bytes(x, rows, hd) - e * rows * hd  # its input is the view of qkv
     q_new, k_new, v_new = _rewritten(x)
     k_heads = x.heads if _rewritten(x)[2] else x.kv
+    if x.cp > 1:
+        # ring attention (`trident.parallel.context.ring_attention`) keeps q, k, v as given
+        # (q, k new when roped or normed, v a view of qkv: only the kv heads, never
+        # repeated), its output in the model dtype and the fp32 log-sum-exp; the
+        # projection's input is a copy of that output unless it is a view (`output_copied`)
+        total += e * b * s * hd * ((a if q_new else 0) + (x.kv if k_new else 0))
+        return total + (2 if x.output_copied else 1) * e * b * s * a * hd + 4 * b * a * s
     if x.fused_attention:
         # q, k, v as given (views are counted with qkv), output (also the projection's
         # input), fp32 log-sum-exp
@@ -264,8 +298,8 @@ def attention_core_bytes(x: Shapes) -> int:
 
 def qkv_view_saved(x: Shapes) -> bool:
     """Does the core keep a view of the qkv output (and so its whole storage)?"""
-    if x.cfg.qk_norm:
-        return True  # the norm keeps its input, the q / k view
+    if x.cfg.qk_norm or x.cp > 1:
+        return True  # the norm keeps its input, the q / k view; ring attention keeps v as a view
     return x.fused_attention and not all(_rewritten(x))
 
 
@@ -276,7 +310,7 @@ def shared_bytes(x: Shapes, recompute: str) -> int:
     if c.position == "rope":
         total += 2 * 4 * b * s * c.head_dim
     mask = 0
-    if c.position == "alibi":
+    if c.position == "alibi" and x.cp == 1:  # ring attention adds ALiBi from its slopes, pair by pair
         mask = 4 * (b if x.doc_masking else 1) * x.heads * s * s
     if mask and (x.fused_attention or recompute != "none"):  # kept by a fused kernel or a checkpoint
         total += mask
@@ -314,8 +348,8 @@ def embedding_bytes(x: Shapes) -> int:
     if c.position == "learned":
         if x.sp:
             total += 8 * b * x.sr
-        else:
-            total += 8 * (b * s if x.doc_masking else s)
+        else:  # one row shared by the batch; under cp a row of the [cp, s/cp] global index
+            total += 8 * (b * s if x.doc_masking else x.seq)
     if c.dropout > 0:
         total += x.dropout_mask * b * x.sr * c.hidden
     return total

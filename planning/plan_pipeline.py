@@ -32,6 +32,11 @@ Pipeline buffers. A stage's output is freed once it has been sent (Megatron's
 saved by the chunk's first layer (its norm, or the checkpoint under full recomputation),
 so it is already counted, by storage, in the activations. What the executor holds besides
 is one batch of transfers in flight: what it sends and what it receives in it.
+
+Ring buffers. Under context parallelism each layer's attention passes K/V blocks (and in
+backward their fp32 dK/dV accumulators) around the cp ring, double-buffered; they are
+allocated and freed within the layer's attention, never saved, so they join the peak
+once, on top of what the walk finds (`ring_buffer_bytes`).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def _split_layer_events(x: Shapes, recompute: str) -> list[int]:
     out = x.e * x.b * x.s * x.heads * x.cfg.head_dim  # the attention output: the projection's input, kept
     core = -(none["attention_core"] - out) - none.get("qkv", 0)
     if recompute == "selective":  # the core is rebuilt, then freed with the qkv the checkpoint kept
-        rebuilt = attention_core_bytes(x) - (0 if x.fused_attention else out)
+        rebuilt = attention_core_bytes(x) - (out if x.output_copied else 0)
         core = [rebuilt, -rebuilt - layer_bytes(x, "selective")["qkv"]]
     events = [-mask, g["mlp_proj"], g["fc"], -norm, -mask, g["proj"], *([core] if isinstance(core, int) else core),
               g["qkv"], -norm]
@@ -121,7 +126,7 @@ def chunk_bytes(x: Shapes, n_layers: int, first: bool, last: bool, recompute: st
         freed = layer["mlp"] + layer["linear_inputs"] // 2 + layer["attention_output"] + layer["norms"] // 2
         freed += layer.get("dropout_masks", 0)
         rebuilt = attention_core_bytes(x)
-        if not x.fused_attention:  # the output copy is the projection's, not rebuilt here
+        if x.output_copied:  # the output copy is the projection's, not rebuilt here
             rebuilt -= x.e * x.b * x.s * x.heads * x.cfg.head_dim
         during = a - head - freed + rebuilt
     else:
@@ -171,6 +176,34 @@ def pipeline_buffer_bytes(x: Shapes, pp: int, vpp: int) -> int:
     return (4 if vpp > 1 else 2) * x.e * x.b * x.sr * x.cfg.hidden
 
 
+def kv_block_bytes(x: Shapes) -> int:
+    """One K/V block of the ring: k and v, [b, kv/tp, s/cp, head_dim] each, in the compute
+    dtype (only the kv heads travel, never the repeated ones)."""
+    return 2 * x.e * x.b * x.kv * x.s * x.cfg.head_dim
+
+
+def dkv_block_bytes(x: Shapes) -> int:
+    """One dK/dV accumulator of the ring's backward: a K/V block's shape in fp32."""
+    return 2 * 4 * x.b * x.kv * x.s * x.cfg.head_dim
+
+
+def ring_buffer_bytes(x: Shapes) -> tuple[int, int]:
+    """(forward, backward) bytes ring attention holds in one layer besides saved tensors.
+
+    As `trident.parallel.context.ring_attention` allocates them: forward, two K/V blocks
+    (a stacked copy of the rank's own, then alternately the block in hand and the one
+    arriving); backward, the same two and three fp32 dK/dV accumulators (the one this
+    step adds into, the previous one still being sent on, the one arriving). Only one
+    layer's attention runs at a time, so the larger of the two sits on top of the step's
+    peak once, like the pipeline's transfers; the meter never sees them (autograd does
+    not save them). Not counted, as for every kernel: the fp32 score and gradient
+    temporaries of one (query half, key half) pair. Nothing at cp = 1.
+    """
+    if x.cp == 1:
+        return 0, 0
+    return 2 * kv_block_bytes(x), 2 * kv_block_bytes(x) + 3 * dkv_block_bytes(x)
+
+
 @dataclass(frozen=True)
 class ActivationBytes:
     per_microbatch: int  # A: what one microbatch keeps on this rank through all its chunks
@@ -178,6 +211,7 @@ class ActivationBytes:
     peak: int  # the step's peak along the schedule, W closures included
     pipeline_buffer: int  # transfers in flight the executor holds (not saved by autograd)
     weight_pending: int = 0  # one microbatch between its B and its W, all chunks (split backward)
+    ring_buffer: int = 0  # ring attention's K/V (+ dK/dV) blocks in flight, cp > 1 (`ring_buffer_bytes`)
 
 
 def rank_activation_bytes(
@@ -198,4 +232,5 @@ def rank_activation_bytes(
         peak=walk_peak(steps, per_chunk),
         pipeline_buffer=pipeline_buffer_bytes(x, pp, vpp),
         weight_pending=sum(c.pending for c in per_chunk),
+        ring_buffer=max(ring_buffer_bytes(x)),
     )

@@ -11,7 +11,13 @@ The two entry points of `trident plan`:
   step); then the step's FLOPs, the bytes each rank sends in each group and a roofline
   step time (`trident.planning.plan_cost`) on a declared device (`trident.planning.devices`).
 * `search` enumerates every layout of N devices the model allows, keeps those whose
-  every stage fits the device memory, and orders them by predicted tokens/s.
+  every stage fits the device memory, and orders them by predicted tokens/s; context
+  parallelism joins the candidates for long sequences (`search` says when).
+
+Context parallelism (`Settings.cp`): world = tp·cp·pp·dp; each rank holds seq_len/cp
+tokens of every sample, so activations fall by cp and the ring's blocks in flight are
+added; gradients are reduced, and ZeRO shards, over dp·cp; the batch arithmetic (m =
+global / (micro · dp)) does not change, cp ranks sharing their samples.
 
 The records they return (`Settings`, `StagePlan`, `Plan`) live in `trident.planning.plan`.
 """
@@ -22,6 +28,7 @@ import dataclasses
 
 from trident.errors import UserError
 from trident.model.config import ModelConfig
+from trident.parallel.context.sharding import check_cp
 from trident.parallel.pipeline.schedule import SCHEDULES, check_layout
 from trident.parallel.pipeline.stages import stage_layers
 from trident.planning.devices import Device, get_device
@@ -42,6 +49,7 @@ def settings_from_config(cfg: Config, **overrides: object) -> Settings:
         sequence_parallel=p.sequence_parallel, dtype=t.dtype, schedule=p.pp_schedule, vpp=p.vpp,
         split=tuple(p.pp_split) if p.pp_split else None, bucket_mb=cfg.optim.bucket_mb,
         doc_masking=cfg.data.doc_masking, overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
+        cp=p.cp,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]
@@ -49,7 +57,7 @@ def settings_from_config(cfg: Config, **overrides: object) -> Settings:
 
 def check(model: ModelConfig, st: Settings) -> None:
     """The layout checks training makes, as one sentence each, before any arithmetic."""
-    for name in ("tp", "pp", "dp", "micro_batch_size", "seq_len", "global_batch_size"):
+    for name in ("tp", "cp", "pp", "dp", "micro_batch_size", "seq_len", "global_batch_size"):
         value = getattr(st, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -68,8 +76,13 @@ def check(model: ModelConfig, st: Settings) -> None:
             f"global batch size {st.global_batch_size} is not a multiple of micro batch size x dp = "
             f"{st.micro_batch_size} x {st.dp} = {per_step}"
         )
-    if st.sp and st.seq_len % st.tp != 0:
-        raise UserError(f"seq_len={st.seq_len} is not divisible by tp={st.tp} (sequence parallelism)")
+    check_cp(st.seq_len, st.cp)
+    if st.cp > 1 and model.attention_dropout > 0:
+        raise UserError(f"model.attention_dropout={model.attention_dropout} cannot be used with cp={st.cp}: ring "
+                        f"attention has no attention dropout; set model.attention_dropout=0 or cp=1")
+    if st.sp and st.local_seq % st.tp != 0:
+        where = f"seq_len={st.seq_len}" if st.cp == 1 else f"seq_len/cp = {st.seq_len}/{st.cp} = {st.local_seq}"
+        raise UserError(f"{where} is not divisible by tp={st.tp} (sequence parallelism)")
     if st.schedule not in SCHEDULES:
         raise UserError(f"unknown pipeline schedule {st.schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
     check_layout(st.schedule, st.pp, st.microbatches, st.vpp)
@@ -86,12 +99,13 @@ def make_plan(model: ModelConfig, st: Settings, device: Device | str = "H100") -
     device = get_device(device) if isinstance(device, str) else device
     check(model, st)
     m = st.microbatches
-    shapes = Shapes(model, st.micro_batch_size, st.seq_len, st.tp, st.sp, st.dtype, device.kind, st.doc_masking)
+    shapes = Shapes(model, st.micro_batch_size, st.seq_len, st.tp, st.sp, st.dtype, device.kind, st.doc_masking,
+                    st.cp)
     stages = []
     for r in range(st.pp):
         chunks = rank_chunks(model.n_layers, st.pp, r, st.split, st.vpp)
         params = stage_params(model, st.tp, st.pp, r, st.sequence_parallel, st.split, st.vpp)
-        state = state_bytes(params, st.dp, st.zero, st.dtype, st.bucket_mb)
+        state = state_bytes(params, st.dp_cp, st.zero, st.dtype, st.bucket_mb)  # reduced and sharded over dp·cp
         act = rank_activation_bytes(shapes, st.schedule, st.pp, r, m, chunks, st.recompute)
         stages.append(StagePlan(r, tuple(chunks), state, act))
     tokens = st.global_batch_size * st.seq_len
@@ -104,7 +118,8 @@ def make_plan(model: ModelConfig, st: Settings, device: Device | str = "H100") -
 
 # --- search -----------------------------------------------------------------------------------
 def layouts(model: ModelConfig, devices: int, fixed: dict[str, int | None]) -> list[tuple[int, int, int]]:
-    """(tp, pp, dp) with tp * pp * dp = devices that the model can be split into."""
+    """(tp, pp, dp) with tp * pp * dp = devices that the model can be split into (the
+    search passes devices / cp)."""
     out = []
     for tp in range(1, devices + 1):
         if devices % tp or (fixed.get("tp") and tp != fixed["tp"]):
@@ -123,27 +138,33 @@ def layouts(model: ModelConfig, devices: int, fixed: dict[str, int | None]) -> l
     return out
 
 
-def search(
-    model: ModelConfig, base: Settings, devices: int, memory_bytes: int, device: Device | str = "H100",
-    fixed: dict[str, int | None] | None = None, recompute_fixed: bool = False,
-) -> list[Plan]:
-    """Every layout of `devices` whose every stage fits `memory_bytes`, fastest first.
+LONG_SEQ = 8192  # from this sequence length on, the search tries context parallelism as well
 
-    For each (tp, pp, dp), sequence parallelism is on when tp > 1 (it only saves memory
-    and moves the same bytes), and, unless `recompute_fixed`, the fastest recomputation
-    mode that fits is chosen. Layouts the batch cannot be split over, or the schedule cannot
-    run (interleaved with fewer layers than pp·vpp, or microbatches not a multiple of pp),
-    are skipped; at pp = 1 the schedule is moot and 1F1B is used.
-    """
-    if not isinstance(devices, int) or devices < 1:
-        raise UserError(f"devices must be a whole number >= 1, got {devices!r}")
-    device = get_device(device) if isinstance(device, str) else device
+
+def cp_sizes(seq_len: int, devices: int, fixed: dict[str, int | None]) -> list[int]:
+    """The cp sizes a search may use: `fixed["cp"]` when given, else 1 and every divisor of
+    `devices` that cuts `seq_len` into 2·cp equal chunks (the load-balanced split)."""
+    cp = fixed.get("cp")
+    if cp:
+        if devices % cp or (cp > 1 and seq_len % (2 * cp)):
+            raise UserError(f"cp={cp} must divide devices={devices} and cut seq_len={seq_len} into 2*cp equal "
+                            f"chunks; valid cp sizes here are "
+                            f"{', '.join(map(str, cp_sizes(seq_len, devices, {})))}")
+        return [cp]
+    return [c for c in range(1, devices + 1) if devices % c == 0 and (c == 1 or seq_len % (2 * c) == 0)]
+
+
+def _best_layouts(
+    model: ModelConfig, base: Settings, cp: int, devices: int, memory_bytes: int, device: Device,
+    fixed: dict[str, int | None], recompute_fixed: bool,
+) -> list[Plan]:
+    """For each (tp, pp, dp) of devices/cp at this `cp`, its fastest plan that fits."""
     found = []
-    for tp, pp, dp in layouts(model, devices, fixed or {}):
+    for tp, pp, dp in layouts(model, devices // cp, fixed):
         best = None
         modes = [base.recompute] if recompute_fixed else list(RECOMPUTE)
         for mode in modes:
-            st = dataclasses.replace(base, tp=tp, pp=pp, dp=dp, recompute=mode, sequence_parallel=tp > 1,
+            st = dataclasses.replace(base, tp=tp, cp=cp, pp=pp, dp=dp, recompute=mode, sequence_parallel=tp > 1,
                                      split=base.split if pp == base.pp else None)
             if pp == 1:
                 st = dataclasses.replace(st, schedule="1f1b", vpp=1)
@@ -155,4 +176,38 @@ def search(
                 best = plan
         if best is not None:
             found.append(best)
+    return found
+
+
+def search(
+    model: ModelConfig, base: Settings, devices: int, memory_bytes: int, device: Device | str = "H100",
+    fixed: dict[str, int | None] | None = None, recompute_fixed: bool = False,
+) -> list[Plan]:
+    """Every layout of `devices` whose every stage fits `memory_bytes`, fastest first.
+
+    For each (tp, pp, dp), sequence parallelism is on when tp > 1 (it only saves memory
+    and moves the same bytes), and, unless `recompute_fixed`, the fastest recomputation
+    mode that fits is chosen. Layouts the batch cannot be split over, or the schedule cannot
+    run (interleaved with fewer layers than pp·vpp, or microbatches not a multiple of pp),
+    are skipped; at pp = 1 the schedule is moot and 1F1B is used.
+
+    Context parallelism (`cp_sizes`: divisors of `devices` with seq_len % 2·cp == 0) is
+    tried when `fixed["cp"]` asks for a size, when seq_len >= `LONG_SEQ` (8192: there
+    activations, which cp divides, outgrow the weights, which it does not), or, at shorter
+    sequences, only when no cp = 1 layout fits. Below that it would only add ring traffic
+    to a layout that already fits, and double the list to read.
+    """
+    if not isinstance(devices, int) or devices < 1:
+        raise UserError(f"devices must be a whole number >= 1, got {devices!r}")
+    device = get_device(device) if isinstance(device, str) else device
+    fixed = fixed or {}
+    sizes = cp_sizes(base.seq_len, devices, fixed)
+    found: list[Plan] = []
+    if fixed.get("cp") or base.seq_len >= LONG_SEQ:
+        for cp in sizes:
+            found += _best_layouts(model, base, cp, devices, memory_bytes, device, fixed, recompute_fixed)
+    else:
+        found = _best_layouts(model, base, 1, devices, memory_bytes, device, fixed, recompute_fixed)
+        for cp in sizes[1:] if not found else []:
+            found += _best_layouts(model, base, cp, devices, memory_bytes, device, fixed, recompute_fixed)
     return sorted(found, key=lambda p: -p.tokens_per_s)

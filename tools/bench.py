@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "attention": "trident.tools.bench_attention",
     "memory": "trident.tools.bench_memory",
     "stage-memory": "trident.tools.bench_stage_memory",
+    "cp": "trident.tools.bench_cp",
 }
 
 

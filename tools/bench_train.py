@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--pp", type=int, default=None)
     p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--cp", type=int, default=None)
     p.add_argument("--nproc", type=int, default=None, help="start this many local ranks (outside torchrun)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")

@@ -1,14 +1,19 @@
-"""`trident plan --config FILE [--tp --pp --dp --zero --recompute --micro-batch-size --seq-len]
+"""`trident plan --config FILE [--tp --cp --pp --dp --zero --recompute --micro-batch-size --seq-len]
 [--schedule 1f1b|interleaved|zb-h1|gpipe] [--vpp V] [--device H100] [--device-memory 80GB]
 [--devices N] [section.key=value ...]`
 
 Predicts, without building the model, each pipeline stage's memory per rank (parameters,
 gradients, optimizer state, peak activations under the pipeline schedule, walked along
 each rank's step list), the step's FLOPs, the bytes each rank sends per step in its tp,
-pp and dp groups, and a step time from the device's declared peaks. With pp > 1 it also
+pp, dp and cp groups, and a step time from the device's declared peaks. With pp > 1 it also
 compares the schedules at the same layout: activation peak, bubble and step time. With
 `--devices N` it lists every layout of N devices that fits the device memory, best
-predicted throughput first (fixing any of --tp/--pp/--dp/--recompute given).
+predicted throughput first (fixing any of --tp/--cp/--pp/--dp/--recompute given; context
+parallelism is tried from seq_len 8192 on, or when nothing fits without it).
+
+`--cp N` (context parallelism, ring attention) gives each rank seq_len/cp tokens of every
+sample: activations fall by cp, the ring's K/V (and in backward dK/dV) blocks in flight
+join the buffers, and gradients and ZeRO's shards spread over dp·cp.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=None, help="YAML config (see configs/); defaults apply when omitted")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: parallel.tp)")
+    p.add_argument("--cp", type=int, default=None, help="context-parallel size (default: parallel.cp); seq_len must "
+                   "be a multiple of 2*cp")
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: parallel.pp)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel size (default: parallel.dp, else 1)")
     p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0, 1 or 2 (default: optim.zero)")
@@ -52,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
     device = get_device(args.device)
     memory = parse_bytes(args.device_memory) if args.device_memory is not None else device.memory_bytes
     base = settings_from_config(
-        cfg, tp=args.tp, pp=args.pp, dp=args.dp, zero=args.zero, recompute=args.recompute,
+        cfg, tp=args.tp, cp=args.cp, pp=args.pp, dp=args.dp, zero=args.zero, recompute=args.recompute,
         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, schedule=args.schedule, vpp=args.vpp,
     )
     if args.devices is None:
         plan = make_plan(cfg.model, base, device)
         print(format_plan(plan, memory, args.config, cfg.model))
         return 0
-    fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp}
+    fixed = {"tp": args.tp, "cp": args.cp, "pp": args.pp, "dp": args.dp}
     plans = search(cfg.model, base, args.devices, memory, device, fixed, recompute_fixed=args.recompute is not None)
     print(format_search(plans, args.devices, memory, device.name, args.top))
     return 0 if plans else 1
@@ -88,7 +95,7 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
     schedule = st.schedule + (f", {st.vpp} virtual stages per rank" if st.vpp > 1 else "")
     lines = [
         f"trident plan: {source or 'default config'}, {st.dtype}, on {dev.name} ({format_bytes(memory)} each)",
-        f"layout tp={st.tp} pp={st.pp} dp={st.dp} ({st.world} devices)"
+        f"layout tp={st.tp}{f' cp={st.cp}' if st.cp > 1 else ''} pp={st.pp} dp={st.dp} ({st.world} devices)"
         f"{', sequence parallel' if st.sp else ''}, ZeRO-{st.zero}, recompute {st.recompute}",
         f"batch {st.global_batch_size} x {st.seq_len} tokens: {m} microbatches of {st.micro_batch_size} per pipeline "
         f"({schedule})",
@@ -103,27 +110,13 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
     ]
     for s in plan.stages:
         cells = (s.param_bytes, s.state.grad_peak_bytes, s.optimizer_bytes, s.activation_bytes,
-                 s.activations.pipeline_buffer, s.peak_bytes)
+                 s.buffer_bytes, s.peak_bytes)
         lines.append(
             f"{s.stage:>5} {_layers(s.chunks):>{width}} {s.activations.in_flight:>9} "
             + " ".join(f"{n / size:>8.2f}" for n in cells)
             + f"  {'yes' if s.peak_bytes <= memory else 'NO'}"
         )
-    if st.zero == 2:
-        lines.append("(grads: the full fp32 buffer held during backward; between steps only the 1/dp shard)")
-    if any(s.activations.weight_pending for s in plan.stages):
-        s = plan.stages[0]
-        lines.append(
-            f"({st.schedule}: one microbatch between its B and its W keeps {s.activations.weight_pending / size:.2f} "
-            f"{unit} on stage 0 (the linears' inputs and output gradients), a whole one "
-            f"{s.activations.per_microbatch / size:.2f})"
-        )
-    if model is not None and st.sp and st.recompute == "selective" and st.dtype != "fp32":  # what Megatron prices
-        from trident.planning.megatron import megatron_activation_bytes
-
-        megatron = megatron_activation_bytes(model, st)
-        lines.append(f"Megatron-LM's formula (theoretical_memory_usage.py) for this layout: stage 0 activations "
-                     f"{megatron / size:.2f} {unit} (trident {plan.stages[0].activation_bytes / size:.2f})")
+    lines += _notes(plan, model, unit, size)
     if model is not None and st.pp > 1:
         lines += ["", *format_schedules(plan, model, memory)]
     world = st.world
@@ -132,13 +125,58 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
         f"FLOPs per step: {plan.model_flops:.3e} model, {plan.hardware_flops:.3e} with recomputation "
         f"({plan.hardware_flops / world:.3e} per device)",
         "bytes sent per device per step: "
-        + ", ".join(f"{group} {format_bytes(n)}" for group, n in plan.comm_bytes.items()),
+        + ", ".join(f"{_group(group, st)} {format_bytes(n)}" for group, n in plan.comm_bytes.items()),
         f"predicted step {plan.step_time_s:.3f} s (pipeline {plan.breakdown['pipeline']:.3f} s of which bubble "
         f"{plan.breakdown['bubble']:.3f} s, dp exposed {plan.breakdown['dp_exposed']:.3f} s, optimizer "
         f"{plan.breakdown['optimizer']:.3f} s): {plan.tokens_per_s:,.0f} tokens/s, MFU {100 * plan.mfu:.1f}% "
         f"at {dev.peak_tflops(st.dtype):g} TFLOP/s {st.dtype} per device",
     ]
+    if st.cp > 1:
+        ring, exposed = plan.breakdown["ring"], plan.breakdown["ring_exposed"]
+        lines.append(f"ring attention (cp={st.cp}): {ring:.3f} s of transfers per step, {exposed:.3f} s exposed "
+                     f"({100 * (1 - exposed / ring) if ring else 100:.0f}% hidden behind attention)")
     return "\n".join(lines)
+
+
+def _group(name: str, st) -> str:
+    """A traffic group's label: the gradient reduction spans dp·cp under context parallelism."""
+    return "dp·cp" if name == "dp" and st.cp > 1 else ("cp ring" if name == "cp" else name)
+
+
+def _notes(plan, model, unit: str, size: float) -> list[str]:
+    """The lines under the memory table: what ZeRO-2, cp and ZB-H1 change in it, and
+    Megatron-LM's figure where its formula applies."""
+    st = plan.settings
+    notes: list[str] = []
+    if st.zero == 2:
+        notes.append(f"(grads: the full fp32 buffer held during backward; between steps only the "
+                     f"1/{'dp' if st.cp == 1 else 'dp·cp'} shard)")
+    if st.cp > 1:
+        notes.append(_cp_note(plan, unit, size))
+    if any(s.activations.weight_pending for s in plan.stages):
+        s = plan.stages[0]
+        notes.append(
+            f"({st.schedule}: one microbatch between its B and its W keeps {s.activations.weight_pending / size:.2f} "
+            f"{unit} on stage 0 (the linears' inputs and output gradients), a whole one "
+            f"{s.activations.per_microbatch / size:.2f})"
+        )
+    # what Megatron prices (its formula has no cp term: shown for cp = 1 only)
+    if model is not None and st.sp and st.recompute == "selective" and st.dtype != "fp32" and st.cp == 1:
+        from trident.planning.megatron import megatron_activation_bytes
+
+        megatron = megatron_activation_bytes(model, st)
+        notes.append(f"Megatron-LM's formula (theoretical_memory_usage.py) for this layout: stage 0 activations "
+                     f"{megatron / size:.2f} {unit} (trident {plan.stages[0].activation_bytes / size:.2f})")
+    return notes
+
+
+def _cp_note(plan, unit: str, size: float) -> str:
+    """What context parallelism changes in the table: tokens per rank, the ring's buffers."""
+    st, s = plan.settings, plan.stages[0]
+    share = (f"; ZeRO-{st.zero} shards over dp·cp = {st.dp_cp}" if st.zero else "")
+    return (f"(cp={st.cp}: each rank holds {st.local_seq} of {st.seq_len} tokens per sample in 2 load-balanced "
+            f"chunks; buffers include the ring's K/V + fp32 dK/dV blocks in flight, "
+            f"{s.activations.ring_buffer / size:.2f} {unit}{share})")
 
 
 def format_schedules(plan, model, memory: int) -> list[str]:
@@ -184,13 +222,13 @@ def format_search(plans, devices: int, memory: int, device: str, top: int) -> st
     lines = [
         f"layouts of {devices} x {device} that fit {format_bytes(memory)} per device, fastest first "
         f"(showing {min(top, len(plans))} of {len(plans)})",
-        f"{'tp':>3} {'pp':>3} {'dp':>3} {'sp':>3} {'zero':>4} {'recompute':>9} {'peak ' + unit:>8} {'tokens/s':>12} "
+        f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'sp':>3} {'zero':>4} {'recompute':>9} {'peak ' + unit:>8} {'tokens/s':>12} "
         f"{'MFU':>6} {'step s':>8}",
     ]
     for p in plans[:top]:
         st = p.settings
         lines.append(
-            f"{st.tp:>3} {st.pp:>3} {st.dp:>3} {'on' if st.sp else '-':>3} {st.zero:>4} {st.recompute:>9} "
+            f"{st.tp:>3} {st.cp:>3} {st.pp:>3} {st.dp:>3} {'on' if st.sp else '-':>3} {st.zero:>4} {st.recompute:>9} "
             f"{p.peak_bytes / size:>8.2f} {p.tokens_per_s:>12,.0f} {100 * p.mfu:>5.1f}% {p.step_time_s:>8.3f}"
         )
     return "\n".join(lines)
