@@ -36,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trident.errors import UserError
 from trident.model.config import ModelConfig
 from trident.model.norms import make_norm
 from trident.parallel.context.ring_attention import ring_attention
+from trident.parallel.context.sharding import load_balanced_index
 from trident.parallel.random import TP, RNGStreams
 from trident.parallel.recompute import checkpoint
 from trident.parallel.tensor.layers import Block, ColumnParallelLinear, RowParallelLinear
@@ -153,6 +155,38 @@ class RingInputs:
     index: torch.Tensor  # [cp, s/cp] int64: every cp rank's global token positions
     doc_ids: torch.Tensor | None  # [b, s] the whole sequence's documents (None: one per row)
     alibi: torch.Tensor | None  # [heads/tp] ALiBi slopes (distances are global positions)
+
+
+def ring_inputs(
+    topo: Topology, batch: int, seq: int, doc_ids: torch.Tensor | None, device: torch.device,
+    rope: tuple[torch.Tensor, torch.Tensor] | None, alibi: torch.Tensor | None,
+) -> tuple["AttentionInputs", torch.Tensor]:
+    """Context parallelism: this rank holds `seq` = s/cp tokens of every sample, at the
+    global positions `load_balanced_index` gives it; `doc_ids` cover the whole sequence.
+
+    Positions (RoPE, learned; reset per document) are the tokens' global ones, so each
+    token is rotated as in the single-process model; the ring attention masks every K/V
+    block it receives by (document, global position) from the same tables. Returns the
+    attention inputs and the positions ``[b, s/cp]``.
+    """
+    cp = topo.cp
+    if doc_ids is not None and doc_ids.shape[1] != seq * cp:
+        raise UserError(
+            f"under context parallelism doc_ids must cover the whole sequence ({seq} tokens x cp={cp} = "
+            f"{seq * cp}), got {doc_ids.shape[1]}"
+        )
+    index = load_balanced_index(seq * cp, cp)  # [cp, s/cp], on the CPU: the ring reads it as numbers
+    mine = index[topo.cp_rank].to(device)  # [s/cp]
+    if doc_ids is not None:
+        doc_ids = doc_ids.to(device, non_blocking=True)
+        positions = document_positions(doc_ids)[:, mine]  # [b, s/cp]
+    else:
+        positions = mine.unsqueeze(0).expand(batch, seq)
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)  # [b, 1, s/cp, hd]
+    ring = RingInputs(topo.cp_group, index, doc_ids, alibi)
+    return AttentionInputs(cos=cos, sin=sin, mask=ring), positions
 
 
 @dataclass

@@ -22,15 +22,14 @@ from trident.model.attention import (
     Attention,
     AttentionInputs,
     KVCache,
-    RingInputs,
     alibi_slopes,
     document_positions,
     document_segments,
+    ring_inputs,
     rope_tables,
 )
 from trident.model.config import ModelConfig
 from trident.model.norms import make_norm
-from trident.parallel.context.sharding import load_balanced_index
 from trident.parallel.random import REPLICATED, TP, RNGStreams
 from trident.parallel.recompute import checkpoint
 from trident.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
@@ -44,6 +43,7 @@ from trident.parallel.tensor.sharding import (
     set_pieces,
 )
 from trident.parallel.topology import Topology
+from trident.parallel.zero.units import UnitHooks, run_unit
 
 # Activation recomputation in training (`trident.parallel.recompute`): none keeps every
 # activation; selective rebuilds each attention core (QK-norm, RoPE, QK^T, softmax,
@@ -176,6 +176,7 @@ class GPT(nn.Module):
             )
         self.recompute = recompute
         self.cfg, self.topo, self.rng = cfg, topo, rng
+        self.unit_hooks: UnitHooks | None = None  # installed by ZeRO-3 (`ShardedParams`)
         self.layer_range = layers if layers is not None else range(cfg.n_layers)
         self.chunks = list(chunks) if chunks is not None else [self.layer_range]
         self.vpp = len(self.chunks)
@@ -243,7 +244,9 @@ class GPT(nn.Module):
         backward; made once here, they all save this one.
         """
         if self.topo.cp > 1:
-            return self._ring_inputs(batch, seq, doc_ids, device)
+            alibi = self.alibi if self.cfg.position == "alibi" else None
+            rope = (self.rope_cos, self.rope_sin) if self.cfg.position == "rope" else None
+            return ring_inputs(self.topo, batch, seq, doc_ids, device, rope, alibi)
         q_abs = torch.arange(start_pos, start_pos + seq, device=device)
         k_abs = torch.arange(0, start_pos + seq, device=device)
         doc_host = doc_ids  # [b, s] wherever the caller had it (the segment table is made from it)
@@ -271,37 +274,6 @@ class GPT(nn.Module):
             cos = self.rope_cos[positions].unsqueeze(1)  # [b, 1, s, hd]
             sin = self.rope_sin[positions].unsqueeze(1)
         return AttentionInputs(cos=cos, sin=sin, mask=mask, start_pos=start_pos), positions
-
-    def _ring_inputs(
-        self, batch: int, seq: int, doc_ids: torch.Tensor | None, device: torch.device
-    ) -> tuple[AttentionInputs, torch.Tensor]:
-        """Context parallelism: this rank holds `seq` = s/cp tokens of every sample, at the
-        global positions `load_balanced_index` gives it; `doc_ids` cover the whole sequence.
-
-        Positions (RoPE, learned; reset per document) are the tokens' global ones, so each
-        token is rotated as in the single-process model; the ring attention masks every
-        K/V block it receives by (document, global position) from the same tables.
-        """
-        cp = self.topo.cp
-        if doc_ids is not None and doc_ids.shape[1] != seq * cp:
-            raise UserError(
-                f"under context parallelism doc_ids must cover the whole sequence ({seq} tokens x cp={cp} = "
-                f"{seq * cp}), got {doc_ids.shape[1]}"
-            )
-        index = load_balanced_index(seq * cp, cp)  # [cp, s/cp], on the CPU: the ring reads it as numbers
-        mine = index[self.topo.cp_rank].to(device)  # [s/cp]
-        if doc_ids is not None:
-            doc_ids = doc_ids.to(device, non_blocking=True)
-            positions = document_positions(doc_ids)[:, mine]  # [b, s/cp]
-        else:
-            positions = mine.unsqueeze(0).expand(batch, seq)
-        alibi = self.alibi if self.cfg.position == "alibi" else None
-        ring = RingInputs(self.topo.cp_group, index, doc_ids, alibi)
-        cos = sin = None
-        if self.cfg.position == "rope":
-            cos = self.rope_cos[positions].unsqueeze(1)  # [b, 1, s/cp, hd]
-            sin = self.rope_sin[positions].unsqueeze(1)
-        return AttentionInputs(cos=cos, sin=sin, mask=ring), positions
 
     def _check_inputs(
         self, inputs: torch.Tensor, seq: int, start_pos: int, cache: KVCache | None, first: bool
@@ -349,21 +321,31 @@ class GPT(nn.Module):
         dtype = next(self.parameters()).dtype
         att, positions = self.attention_inputs(b, seq, doc_ids, start_pos, inputs.device, dtype)
 
+        hooks = self.unit_hooks  # ZeRO-3 gathers each unit's parameters around its call
         if first:
-            x = self.embedding(inputs)  # [b, s(/tp), hidden]
+            x = run_unit(hooks, "embedding", self.embedding, inputs)  # [b, s(/tp), hidden]
             if self.cfg.position == "learned":
                 pos = scatter_to_sp(positions, self.topo.tp_group) if self.sp else positions
-                x = x + self.pos_embedding[pos]
+                x = x + run_unit(hooks, "pos_embedding", self._position_rows, pos)
             x = self.emb_dropout(x)
         else:
             x = inputs
         for i in self.chunks[chunk]:
-            x = self.layers[str(i)](x, att, cache)  # [b, s(/tp), hidden]
+            x = run_unit(hooks, f"layers.{i}", self.layers[str(i)], x, att, cache)  # [b, s(/tp), hidden]
         if cache is not None:
             cache.length = start_pos + seq
         if not last:
             return x
-        x = self.final_norm(x)
+        x = run_unit(hooks, "final_norm", self.final_norm, x)
+        head_unit = "embedding" if self.cfg.tie_embeddings else "head"
+        return run_unit(hooks, head_unit, self._head, x, labels, label_smoothing)
+
+    def _position_rows(self, pos: torch.Tensor) -> torch.Tensor:
+        # pos: [b, s(/tp)]  ->  [b, s(/tp), hidden]
+        return self.pos_embedding[pos]
+
+    def _head(self, x: torch.Tensor, labels: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+        # x: [b, s(/tp), hidden]  ->  logits [b, s, padded_vocab/tp], or the per-token loss [b, s]
         head = self.output_layer
         logits = head.project(x)  # [b, s, padded_vocab/tp], or [b, s, vocab] at tp = 1
         if labels is None:
@@ -371,6 +353,16 @@ class GPT(nn.Module):
         return vocab_parallel_cross_entropy(
             logits, labels, head.vocab_start, self.cfg.vocab_size, self.topo.tp_group, label_smoothing
         )  # [b, s]
+
+    def parameter_units(self) -> dict[str, list[str]]:
+        """Parameter names by unit, in forward order, for ZeRO-3 (`trident.parallel.zero.units`):
+        one unit per block, and the embedding, position embedding, final norm and head each
+        their own (a tied head is the embedding's unit)."""
+        units: dict[str, list[str]] = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            units.setdefault(f"layers.{parts[1]}" if parts[0] == "layers" else parts[0], []).append(name)
+        return units
 
     def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
         """All-gather vocabulary slices and drop padding: [b, s, vocab] (generation, tests)."""

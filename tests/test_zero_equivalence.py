@@ -128,12 +128,17 @@ def train_step(model, opt, topo, data: dict, sp: bool = False, inject=None):
     return opt.step(), loss
 
 
-def full_params(model, topo, names: dict) -> dict:
+def full_params(model, topo, names: dict, opt=None) -> dict:
+    """Every parameter as one full tensor (ZeRO-3 gathers its units for the read)."""
+    import contextlib
+
     import torch.distributed as dist
 
     from equivalence import gather_checked
 
-    return gather_checked(model, dist.group.WORLD if topo.world > 1 else None, names=names)
+    gathered = opt.buffer.full_parameters() if opt is not None and opt.cfg.zero == 3 else contextlib.nullcontext()
+    with gathered:
+        return gather_checked(model, dist.group.WORLD if topo.world > 1 else None, names=names)
 
 
 def compare(params: dict, ref: dict) -> float:
@@ -178,7 +183,7 @@ def _check_layouts(size: int, state_dir: str | None = None) -> list[dict]:
             {
                 **case,
                 "dp": topo.dp,
-                "param_err": compare(full_params(model, topo, names), ref["params"][-1]),
+                "param_err": compare(full_params(model, topo, names, opt), ref["params"][-1]),
                 "norm_errs": [abs(a / b - 1) for a, b in zip(norms, ref["norms"])],
                 "clipped": [n > OPTIM["clip_grad"] for n in ref["norms"]],
                 "stepped": stepped,

@@ -100,8 +100,9 @@ class Trainer:
             tokenizer=os.path.abspath(self.data.tokenizer_path),
             config=self.cfg.to_dict(),
         )
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.topo, self.model, self.optimizer, self.rng, state,
-                                    keep=self.cfg.checkpoint.keep)
+        with self.optimizer.full_parameters():  # ZeRO-3: the units gathered while their slices are written
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.topo, self.model, self.optimizer, self.rng,
+                                        state, keep=self.cfg.checkpoint.keep)
         self.log(f"step {self.step}: checkpoint saved to {path}")
         self.saved_step = self.step
         return path
@@ -138,7 +139,8 @@ class Trainer:
                 f"checkpoint {path.name} consumed {state.consumed_samples} samples, not a multiple of "
                 f"train.global_batch_size={self.cfg.train.global_batch_size}"
             )
-        ckpt.load_model(path, self.model)
+        with self.optimizer.full_parameters(write_back=True):  # ZeRO-3: load into gathered units
+            ckpt.load_model(path, self.model)
         ckpt.load_optimizer(path, self.optimizer)
         lay = state.layout
         cp = lay.world // (lay.tp * lay.pp * lay.dp)  # the format has no cp: it is what the world leaves

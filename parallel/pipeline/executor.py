@@ -76,7 +76,7 @@ from trident.parallel.pipeline.schedule import peak_in_flight, plan, schedule_st
 from trident.parallel.pipeline.stage_run import Microbatch, StageRun
 from trident.parallel.pipeline.timeline import Timeline
 from trident.parallel.tensor.layers import sync_tp_partial_grads
-from trident.parallel.tensor.sharding import is_pipeline_tied, reduction_grad
+from trident.parallel.tensor.sharding import is_pipeline_tied, is_zero3_sharded, reduction_grad
 from trident.parallel.topology import Topology
 
 
@@ -86,7 +86,8 @@ def finalize_grads(model: nn.Module, topo: Topology) -> None:
     sync_tp_partial_grads(model, topo)
     if topo.pp == 1:
         return
-    tied = [p for p in model.parameters() if is_pipeline_tied(p)]
+    # ZeRO-3 holds no full gradient here: it sums the tied shards itself (sharded_params)
+    tied = [p for p in model.parameters() if is_pipeline_tied(p) and not is_zero3_sharded(p)]
     for p in tied:
         if reduction_grad(p) is None:
             p.grad = torch.zeros_like(p)

@@ -48,6 +48,9 @@ MAIN_GRAD = "main_grad"
 """Set by a gradient buffer on the two kinds above: the fp32 view of the buffer their
 gradients accumulate in (Megatron's ``main_grad``), which finalisation sums in place, so
 a bf16/fp16 model never rounds (or overflows) a deferred gradient to the compute dtype."""
+ZERO3_SHARDED = "zero3_sharded"
+"""Held as a ZeRO-3 shard (`trident.parallel.zero.sharded_params`): its gradient is reduced
+(and its deferred sums done) on shards by the sharding code, not by `finalize_grads`."""
 
 
 def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
@@ -72,6 +75,15 @@ def is_pipeline_tied(param: nn.Parameter) -> bool:
 
 def is_pipeline_duplicate(param: nn.Parameter) -> bool:
     return getattr(param, PIPELINE_DUPLICATE, False)
+
+
+def mark_zero3_sharded(param: nn.Parameter) -> nn.Parameter:
+    setattr(param, ZERO3_SHARDED, True)
+    return param
+
+
+def is_zero3_sharded(param: nn.Parameter) -> bool:
+    return getattr(param, ZERO3_SHARDED, False)
 
 
 def set_main_grad(param: nn.Parameter, grad: torch.Tensor | None) -> None:

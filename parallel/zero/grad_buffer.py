@@ -89,6 +89,21 @@ class Bucket:
     scatter_out: torch.Tensor | None = None
 
 
+def check_same_layout(buckets: list[Bucket], group: dist.ProcessGroup | None, dp: int) -> None:
+    """Every rank of the dp group must have the same buckets, or their collectives would not
+    match (a hang or silent garbage); checked once, before any is issued."""
+    if dp == 1:
+        return
+    sig = float(sum((i + 1) * b.numel for i, b in enumerate(buckets)) + 1e9 * len(buckets))
+    t = torch.tensor([sig, -sig], dtype=torch.float64, device=group_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    if t[0].item() != -t[1].item():
+        raise UserError(
+            "the ranks of a dp group hold differently shaped models (their gradient buckets differ); "
+            "every dp replica must build the same model with the same bucket size"
+        )
+
+
 class GradBuffer:
     """Parameter and fp32 gradient buffers of one model chunk, with bucketed dp reduction.
 
@@ -181,18 +196,11 @@ class GradBuffer:
         self.buckets.append(bucket)
 
     def _check_same_layout(self) -> None:
-        """Every rank of the dp group must have the same buckets, or their collectives would
-        not match (a hang or silent garbage); check once, before any is issued."""
-        if self.dp == 1:
-            return
-        sig = float(sum((i + 1) * b.numel for i, b in enumerate(self.buckets)) + 1e9 * len(self.buckets))
-        t = torch.tensor([sig, -sig], dtype=torch.float64, device=group_device(self.group))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        if t[0].item() != -t[1].item():
-            raise UserError(
-                "the ranks of a dp group hold differently shaped models (their gradient buckets differ); "
-                "every dp replica must build the same model with the same bucket size"
-            )
+        check_same_layout(self.buckets, self.group, self.dp)
+
+    def owned_params(self, b: Bucket) -> torch.Tensor:
+        """This rank's owned range of bucket `b`'s parameters (the fp32 master of an fp32 model)."""
+        return b.param_data[b.shard_start : b.shard_end]
 
     # --- the backward protocol -----------------------------------------------------------------
     def before_backward(self, mb: int, is_last: bool) -> None:

@@ -37,6 +37,7 @@ geometry of where those elements lie).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ from trident.parallel.zero.clip import (
 )
 from trident.parallel.zero.grad_buffer import Bucket, GradBuffer
 from trident.parallel.zero.mixed_precision import LossScaler, MixedPrecisionConfig, dtype_name
+from trident.parallel.zero.sharded_params import ShardedParams
 
 
 @dataclass
@@ -81,15 +83,21 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     zero: int = 1
-    """ZeRO stage: 0 replicated optimizer, 1 sharded optimizer state, 2 also sharded gradients."""
+    """ZeRO stage: 0 replicated optimizer, 1 sharded optimizer state, 2 also sharded gradients,
+    3 also sharded parameters (gathered per unit: a block, the embedding, the head; FSDP)."""
+    zero3_reshard_after_forward: bool = True
+    """ZeRO-3: free a unit's gathered parameters after its forward and gather them again for
+    its backward (least memory); false keeps them gathered from a unit's first use in a step
+    to the step's end (one all-gather per unit per step: for pipeline stages that run many
+    microbatches)."""
     bucket_mb: float = 25.0
     """Size of a gradient-reduction bucket, in MB of fp32 gradient."""
     overlap_grad_reduce: bool = True
     """Launch each bucket's reduction during backward as soon as its gradients are ready."""
 
     def validate(self) -> "OptimizerConfig":
-        if self.zero not in (0, 1, 2):
-            raise UserError(f"optim.zero is {self.zero!r}; valid values are 0, 1, 2")
+        if self.zero not in (0, 1, 2, 3):
+            raise UserError(f"optim.zero is {self.zero!r}; valid values are 0, 1, 2, 3")
         positive = (("lr", self.lr, True), ("eps", self.eps, False), ("bucket_mb", self.bucket_mb, False))
         for name, value, zero_ok in positive:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
@@ -166,7 +174,10 @@ class DistributedOptimizer:
         self.cfg = (config or OptimizerConfig()).validate()
         self.precision = (precision or MixedPrecisionConfig()).validate()
         self.topo = topo
-        self.buffer = GradBuffer(model, topo, self.cfg.zero, self.cfg.bucket_size, self.cfg.overlap_grad_reduce)
+        if self.cfg.zero == 3:  # parameters sharded too, gathered per unit of the model
+            self.buffer: GradBuffer | ShardedParams = ShardedParams(model, topo, self.cfg.zero3_reshard_after_forward)
+        else:
+            self.buffer = GradBuffer(model, topo, self.cfg.zero, self.cfg.bucket_size, self.cfg.overlap_grad_reduce)
         if self.buffer.param_dtype != self.precision.torch_dtype:
             raise UserError(
                 f"the model's parameters are {dtype_name(self.buffer.param_dtype)} but precision.dtype is "
@@ -206,7 +217,7 @@ class DistributedOptimizer:
         for b, n in zip(self.buffer.buckets, sizes):
             self.exp_avg.append(self._exp_avg_flat[offset : offset + n])
             self.exp_avg_sq.append(self._exp_avg_sq_flat[offset : offset + n])
-            own = b.param_data[b.shard_start : b.shard_end]
+            own = self.buffer.owned_params(b)
             if self.master_is_param:
                 self.master.append(own)
             else:
@@ -314,6 +325,14 @@ class DistributedOptimizer:
             optimizer_padding_bytes=padding_share,
         )
         return report
+
+    def full_parameters(self, write_back: bool = False) -> contextlib.AbstractContextManager:
+        """The model's parameters whole for the body (a checkpoint save or load): ZeRO-3
+        gathers every unit (`write_back`: what the body wrote becomes the shards); other
+        stages hold them whole anyway."""
+        if isinstance(self.buffer, ShardedParams):
+            return self.buffer.full_parameters(write_back)
+        return contextlib.nullcontext()
 
     # --- state (`trident.parallel.zero.optimizer_state`) ----------------------------------------
     def state_dict(self) -> dict:

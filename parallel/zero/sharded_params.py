@@ -1,0 +1,363 @@
+"""ZeRO-3 (fully sharded data parallelism): parameters sharded too, gathered per unit.
+
+ZeRO 1/2 shard the optimizer state and the gradients over the ranks that hold the same
+weights (dp x cp), but every rank still keeps all of its tp/pp-local parameters. Here each
+rank keeps only its 1/dp of them (`Unit.shard`, in the model dtype), and a unit's full
+parameters exist only while the unit computes (DeepSpeed ZeRO-3, PyTorch FSDP):
+
+* forward: `run` all-gathers the unit's parameters (or waits for the prefetch that
+  already did), issues the NEXT unit's all-gather so it travels while this unit computes,
+  runs the unit, and frees the parameters again (``reshard_after_forward``);
+* backward: a hook on the unit's output fires when the unit's backward is about to begin;
+  it gathers the parameters again (recomputation reuses them) and prefetches the unit
+  that runs backward next. When every parameter of the unit has its gradient (a
+  post-accumulate hook per parameter adds it to a flat fp32 buffer, as `GradBuffer`
+  does), the unit's reduce-scatter is launched at once, and the parameters are freed; the
+  scattered shard is added to the persistent fp32 gradient shard (``main_grad``) a step
+  later or at the end, so the reduction overlaps the next unit's backward, and
+  microbatches accumulate there in fp32.
+
+Units are the model's (`trident.parallel.zero.units`): one per transformer block, the
+embedding, the position embedding, the final norm and the head. The execution order is
+learned as the units run (which unit followed which, in forward and in backward) and drives
+the prefetch, so every dp rank issues the same collectives in the same order.
+
+With ``reshard_after_forward=False`` a unit stays gathered from its first use in a step
+until the step's gradients are final: one all-gather per unit per step instead of two per
+microbatch, at the memory of unsharded parameters during the step (the choice for a
+pipeline stage that runs many microbatches).
+
+Deferred gradients (tp-partial norms and QK-norm, a tied embedding split over pipeline
+stages) are partial sums that `finalize_grads` completes on full gradients at ZeRO 0-2.
+Here no full gradient survives its unit's backward; as the sums are linear, the scattered
+shards are summed instead at the end of the step (over tp, over the embedding group), which
+gives the same result because every rank of those groups has the same unit layout.
+
+The buckets the optimizer, the norm and the state files see are the units, with the same
+fields as `GradBuffer`'s buckets, so ZeRO-3 changes nothing downstream: masters, Adam
+moments and the checkpoint format stay per owned range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from trident.errors import UserError
+from trident.parallel.collectives import all_gather_single, all_reduce_coalesced, reduce_scatter_single
+from trident.parallel.tensor.sharding import is_pipeline_tied, is_tp_partial, mark_zero3_sharded
+from trident.parallel.topology import Topology
+from trident.parallel.zero.grad_buffer import ALIGN, Bucket, Slot, check_same_layout
+
+IN_FLIGHT = 2  # reduce-scatters outstanding before the oldest is waited for
+
+
+@dataclass
+class Unit(Bucket):
+    """A bucket holding exactly one unit's parameters, with its persistent shard."""
+
+    name: str = ""
+    shard: torch.Tensor | None = None  # [numel/dp] model dtype: this rank's parameters, always held
+    gathered: bool = False  # do the parameters point at a full, gathered `param_data`?
+    gather_work: Any = None  # an all-gather in flight (a prefetch)
+    tp_partial: list[tuple[int, int]] = field(default_factory=list)  # owned ranges summed over tp at the end
+    tied: bool = False  # a pipeline-tied embedding: the whole shard is summed over the embedding group
+
+
+class ShardedParams:
+    """The `GradBuffer` of ZeRO-3: units of sharded parameters, gathered just in time."""
+
+    zero = 3
+
+    def __init__(self, model: nn.Module, topo: Topology, reshard_after_forward: bool = True, prefetch: bool = True):
+        self.topo, self.reshard_after_forward, self.prefetch = topo, reshard_after_forward, prefetch
+        self.dp, self.dp_rank, self.group = topo.dp_cp, topo.dp_cp_rank, topo.dp_cp_group
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not named:
+            raise UserError("the model has no trainable parameters to optimise")
+        dtypes = {p.dtype for p in named.values()}
+        if len(dtypes) != 1:
+            raise UserError(f"all trainable parameters must share one dtype, found {sorted(map(str, dtypes))}")
+        self.param_dtype = dtypes.pop()
+        self.device = next(iter(named.values())).device
+        self.buckets: list[Unit] = []
+        self.units: dict[str, Unit] = {}
+        self.slots: dict[int, Slot] = {}
+        for name, names in model.parameter_units().items():
+            params = [(n, named[n]) for n in names if n in named]
+            if params:
+                self._make_unit(name, params)
+        missing = sorted(set(named) - {s.name for s in self.slots.values()})
+        if missing:
+            raise UserError(f"parameters {missing} belong to no unit of the model; ZeRO-3 cannot shard them")
+        check_same_layout(self.buckets, self.group, self.dp)
+        self.order: list[str] = []  # units in the order the first forward ran them
+        # what ran after what: (unit before, unit) -> the unit that came next, in forward and
+        # in backward, learned as they run; a tied embedding runs twice per forward, so the
+        # key is the pair (what came before disambiguates which of its uses this is)
+        self._after: dict[str, dict[tuple[str | None, str], str]] = {"forward": {}, "backward": {}}
+        self._key: dict[str, tuple[str | None, str] | None] = {"forward": None, "backward": None}
+        self.pending: list[tuple[Unit, Any, torch.Tensor, torch.Tensor]] = []  # (unit, work, out, input)
+        self.events: list[tuple[float, str, str]] = []  # (time, what, unit): the collectives' timeline
+        self._synced = False
+        self._hooks = [s.param.register_post_accumulate_grad_hook(self._grad_hook(s)) for s in self.slots.values()]
+        model.unit_hooks = self
+
+    # --- construction -----------------------------------------------------------------------
+    def _make_unit(self, name: str, params: list[tuple[str, nn.Parameter]]) -> None:
+        """Copy the unit's parameters into a padded flat buffer, keep this rank's shard of it,
+        and leave the parameters as storage-less placeholders until they are gathered."""
+        used = sum(p.numel() for _, p in params)
+        numel = -(-used // (self.dp * ALIGN)) * (self.dp * ALIGN)
+        flat = torch.zeros(numel, dtype=self.param_dtype, device=self.device)
+        unit = Unit(len(self.buckets), [], numel, used, False, None, 0, numel, name=name)
+        offset = 0
+        for pname, p in params:
+            flat[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
+            slot = Slot(pname, p, unit.index, offset, p.numel(), is_tp_partial(p) and self.topo.tp > 1)
+            unit.slots.append(slot)
+            self.slots[id(p)] = slot
+            offset += p.numel()
+        share = numel // self.dp
+        unit.shard_start, unit.shard_end = self.dp_rank * share, (self.dp_rank + 1) * share
+        unit.shard = flat[unit.shard_start : unit.shard_end].clone()
+        unit.main_grad = torch.zeros(share, dtype=torch.float32, device=self.device)
+        unit.tied = any(is_pipeline_tied(p) for _, p in params)
+        if unit.tied and len(params) > 1:
+            raise UserError(f"unit {name!r} mixes a pipeline-tied embedding with other parameters; give it its own unit")
+        for slot in unit.slots:
+            lo, hi = max(slot.start, unit.shard_start), min(slot.start + slot.numel, unit.shard_end)
+            if slot.deferred and lo < hi:
+                unit.tp_partial.append((lo - unit.shard_start, hi - unit.shard_start))
+            mark_zero3_sharded(slot.param)
+        self.buckets.append(unit)
+        self.units[name] = unit
+        self._free(unit)
+
+    # --- gathering and freeing --------------------------------------------------------------
+    def _start_gather(self, unit: Unit) -> None:
+        """Issue the unit's all-gather (asynchronously) unless it is gathered or on its way."""
+        if unit.gathered or unit.gather_work is not None:
+            return
+        unit.param_data = torch.empty(unit.numel, dtype=self.param_dtype, device=self.device)
+        if self.dp == 1:
+            unit.param_data.copy_(unit.shard)
+            return
+        unit.gather_work = all_gather_single(unit.param_data, unit.shard, group=self.group, async_op=True)
+        self._note("all_gather", unit, unit.gather_work)
+
+    def _gather(self, unit: Unit) -> None:
+        """Make the unit's parameters usable: wait for its all-gather, point them at it."""
+        if unit.gathered:
+            return
+        self._start_gather(unit)
+        if unit.gather_work is not None:
+            self._wait("all_gather", unit, unit.gather_work)
+            unit.gather_work = None
+        for slot in unit.slots:
+            slot.param.data = unit.param_data[slot.start : slot.start + slot.numel].view_as(slot.param)
+        unit.gathered = True
+
+    def _free(self, unit: Unit) -> None:
+        """Drop the gathered parameters; each keeps its shape over one NaN element, so a use
+        outside its unit shows as NaN instead of silently reading stale values."""
+        if unit.gather_work is not None:  # a prefetch nobody used: finish it before dropping its buffer
+            self._wait("all_gather", unit, unit.gather_work)
+            unit.gather_work = None
+        nan = torch.full((1,), float("nan"), dtype=self.param_dtype, device=self.device)
+        for slot in unit.slots:
+            slot.param.data = nan.expand(slot.param.shape)
+        unit.param_data, unit.gathered = None, False
+
+    def _advance(self, phase: str, name: str) -> Unit | None:
+        """Note that unit `name` runs now (in `phase`); return the unit expected to run next,
+        to prefetch, as seen the last time the same pair of units ran in this order."""
+        before = self._key[phase]
+        if before is not None:
+            self._after[phase][before] = name
+        key = (before[1] if before is not None else None, name)
+        self._key[phase] = key
+        ahead = self._after[phase].get(key)
+        return self.units[ahead] if self.prefetch and ahead is not None and ahead != name else None
+
+    # --- the unit protocol (`trident.parallel.zero.units`) ------------------------------------
+    def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` with unit `name` gathered, the next unit's gather in flight."""
+        unit = self.units.get(name)
+        if unit is None:  # a unit with no trainable parameters on this rank
+            return fn(*args)
+        if name not in self.order:
+            self.order.append(name)
+        self._gather(unit)
+        ahead = self._advance("forward", name)
+        if ahead is not None:
+            self._start_gather(ahead)
+        self.events.append((time.perf_counter(), "forward", name))
+        out = fn(*args)
+        self.events.append((time.perf_counter(), "forward_end", name))
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad, name=name: self._before_backward(name))
+        if self.reshard_after_forward:
+            self._free(unit)
+        return out
+
+    def _before_backward(self, name: str) -> None:
+        """The unit's backward is next: gather it again and prefetch the one after."""
+        self.events.append((time.perf_counter(), "backward", name))
+        self._gather(self.units[name])
+        behind = self._advance("backward", name)
+        if behind is not None:
+            self._start_gather(behind)
+
+    # --- gradients ------------------------------------------------------------------------------
+    def _grad_hook(self, slot: Slot) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is None:
+                return
+            if self._synced:
+                raise RuntimeError(f"a gradient for {slot.name} arrived after the step's gradients were final; "
+                                   f"call zero_grad() before the next step")
+            unit = self.buckets[slot.bucket]
+            if unit.grad_data is None:
+                unit.grad_data = torch.zeros(unit.numel, dtype=torch.float32, device=self.device)
+            unit.grad_data[slot.start : slot.start + slot.numel].add_(param.grad.reshape(-1))
+            param.grad = None
+            unit.ready.add(slot.start)
+            if len(unit.ready) == len(unit.slots):  # the unit's backward is over
+                self.events.append((time.perf_counter(), "backward_end", unit.name))
+                self._reduce(unit)
+                if self.reshard_after_forward:
+                    self._free(unit)
+
+        return hook
+
+    def _reduce(self, unit: Unit) -> None:
+        """Launch the unit's reduce-scatter of this microbatch's gradient; fold in the oldest
+        ones still in flight beyond `IN_FLIGHT` (their buffers go back to the allocator)."""
+        data, unit.grad_data = unit.grad_data, None
+        unit.ready.clear()
+        if data is None:
+            return
+        if self.dp == 1:
+            unit.main_grad.add_(data)
+            return
+        out = torch.empty(unit.shard_end - unit.shard_start, dtype=torch.float32, device=self.device)
+        work = reduce_scatter_single(out, data, group=self.group, async_op=True)
+        self._note("reduce_scatter", unit, work)
+        self.pending.append((unit, work, out, data))
+        while len(self.pending) > IN_FLIGHT:
+            self._fold(self.pending.pop(0))
+
+    def _fold(self, item: tuple[Unit, Any, torch.Tensor, torch.Tensor]) -> None:
+        unit, work, out, _ = item
+        self._wait("reduce_scatter", unit, work)
+        unit.main_grad.add_(out)
+
+    # --- the step protocol (the same calls as `GradBuffer`) -------------------------------------
+    def before_backward(self, mb: int, is_last: bool) -> None:
+        """Every microbatch's gradients are reduce-scattered as its backward ends: nothing to arm."""
+
+    def start_grad_sync(self) -> None:
+        """Reduce what a backward left unfinished (a unit with a parameter that got no gradient)."""
+        for unit in self.buckets:
+            if unit.grad_data is not None:
+                self._reduce(unit)
+
+    def finish_grad_sync(self) -> None:
+        """Complete the step's reductions: ``main_grad`` of each unit holds its final shard.
+
+        The deferred sums run here, on shards: tp-partial ranges over tp, a tied embedding
+        over the embedding group (first and last stage hold the same unit layout)."""
+        if self._synced:
+            return
+        self.start_grad_sync()
+        while self.pending:
+            self._fold(self.pending.pop(0))
+        all_reduce_coalesced([u.main_grad[a:b] for u in self.buckets for a, b in u.tp_partial], self.topo.tp_group)
+        tied = [u.main_grad for u in self.buckets if u.tied]
+        if tied and self.topo.pp > 1:
+            all_reduce_coalesced(tied, self.topo.embedding_group)
+        for unit in self.buckets:  # kept gathered (reshard_after_forward=False), or prefetched for
+            if unit.gathered or unit.gather_work is not None:  # a use that did not come: stale after the step
+                self._free(unit)
+        self._synced = True
+
+    def zero_grad(self) -> None:
+        """Start a new step: clear the gradient shards and the reduction state."""
+        for _, work, _, _ in self.pending:  # a step abandoned mid-way: let its collectives finish
+            work.wait()
+        self.pending.clear()
+        for unit in self.buckets:
+            unit.main_grad.zero_()
+            unit.grad_data = None
+            unit.ready.clear()
+            for slot in unit.slots:
+                slot.param.grad = None
+        self.events.clear()
+        self._synced = False
+
+    def owned_params(self, unit: Unit) -> torch.Tensor:
+        """This rank's parameters of `unit` (the optimizer's fp32 master when the model is fp32)."""
+        return unit.shard
+
+    def gather_params(self, shards: list[torch.Tensor]) -> None:
+        """After a step: the updated fp32 masters become the shards (rounded to the model
+        dtype); they are gathered when their unit next runs."""
+        for unit, master in zip(self.buckets, shards):
+            if master.data_ptr() != unit.shard.data_ptr():
+                unit.shard.copy_(master)
+            if unit.gathered or unit.gather_work is not None:
+                self._free(unit)
+
+    @contextlib.contextmanager
+    def full_parameters(self, write_back: bool = False) -> Iterator[None]:
+        """Every unit gathered for the body (a checkpoint's save or load); with `write_back`,
+        what the body wrote into the parameters becomes the shards. Holds the rank's whole
+        tp/pp-local model, as ZeRO 0-2 always do, for the duration."""
+        for unit in self.buckets:
+            self._gather(unit)
+        try:
+            yield
+        finally:
+            for unit in self.buckets:
+                if write_back:
+                    unit.shard.copy_(unit.param_data[unit.shard_start : unit.shard_end])
+                self._free(unit)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    def _note(self, kind: str, unit: Unit, work: Any) -> None:
+        """Record an issued collective (gloo's works have no future to say when one completes:
+        `_wait` records how long the step waited for it, the part not hidden)."""
+        self.events.append((time.perf_counter(), f"{kind}_issue", unit.name))
+
+    def _wait(self, kind: str, unit: Unit, work: Any) -> None:
+        start = time.perf_counter()
+        work.wait()
+        self.events.append((start, f"{kind}_wait", unit.name))
+        self.events.append((time.perf_counter(), f"{kind}_waited", unit.name))
+
+    def memory(self) -> dict[str, int]:
+        """Per-rank bytes: persistent parameter and gradient shards, and what a step adds at
+        most (the largest unit gathered, twice with prefetch; its fp32 gradient while the
+        reduce-scatters are in flight)."""
+        numel = sum(u.numel for u in self.buckets)
+        used = sum(u.used for u in self.buckets)
+        shard = sum(u.shard_end - u.shard_start for u in self.buckets)
+        largest = max(u.numel for u in self.buckets)
+        elem = torch.empty((), dtype=self.param_dtype).element_size()
+        return {
+            "numel": used, "padded_numel": numel, "padding": numel - used, "shard_numel": shard,
+            "buckets": len(self.buckets), "param_bytes": shard * elem,
+            "param_peak_bytes": largest * elem * (2 if self.prefetch else 1),
+            "grad_bytes": shard * 4, "grad_peak_bytes": largest * 4 * (1 + IN_FLIGHT),
+        }
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,136 @@
+"""ZeRO-3 keeps the core promise: with parameters sharded over dp and gathered per unit,
+AdamW steps (clipping active, two microbatches per step, tied embeddings, QK-norm) give the
+parameters of single-process torch.optim.AdamW, at dp 2 and 4 and composed with tp, pp,
+recomputation and both resharding policies; each rank persistently holds 1/dp of its
+parameters; and the collectives are issued ahead of the compute that needs them.
+
+The reference, batches and training step are test_zero_equivalence's.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_zero_equivalence import (
+    NORM_TOL,
+    STEPS,
+    TOL,
+    compare,
+    config,
+    full_params,
+    global_batch,
+    reference,
+    train_step,
+)
+
+CASES = {
+    2: [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1, "reshard": False}, {"tp": 1, "pp": 1, "recompute": "full"}],
+    4: [{"tp": 1, "pp": 1}, {"tp": 2, "pp": 1, "sp": True}, {"tp": 1, "pp": 2},
+        {"tp": 1, "pp": 2, "reshard": False, "recompute": "selective"}],
+    8: [{"tp": 2, "pp": 2, "sp": True}],
+}
+
+
+def build(cfg, topo, case: dict):
+    from test_zero_equivalence import OPTIM
+
+    from trident.model.stage import build_stage
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+
+    model = build_stage(cfg, topo, sequence_parallel=case.get("sp", False), recompute=case.get("recompute", "none"))
+    model.init_weights(0)
+    ocfg = OptimizerConfig(**OPTIM, zero=3, zero3_reshard_after_forward=case.get("reshard", True))
+    return model, DistributedOptimizer(model, topo, ocfg, MixedPrecisionConfig(dtype="fp32"))
+
+
+def _check(size: int) -> list[dict]:
+    from trident.model.gpt import GPT
+    from trident.parallel.tensor.sharding import global_shapes
+    from trident.parallel.topology import Topology
+
+    cfg = config()
+    ref = reference(cfg)
+    names = global_shapes(GPT(cfg, Topology.single()))
+    out = []
+    for case in CASES[size]:
+        topo = Topology.from_initialized(tp=case["tp"], pp=case["pp"])
+        model, opt = build(cfg, topo, case)
+        norms = []
+        for step in range(STEPS):
+            r, _ = train_step(model, opt, topo, global_batch(cfg, step), sp=case.get("sp", False))
+            norms.append(r.grad_norm)
+        # between steps a rank holds its shards only: every parameter is a placeholder
+        placeholders = all(p.data.stride() == (0,) * p.dim() for p in model.parameters() if p.requires_grad)
+        out.append({**case, "dp": topo.dp, "param_err": compare(full_params(model, topo, names, opt), ref["params"][-1]),
+                    "norm_errs": [abs(a / b - 1) for a, b in zip(norms, ref["norms"])],
+                    "memory": opt.memory(), "placeholders": placeholders,
+                    "local": sum(p.numel() for p in model.parameters())})
+    return out
+
+
+def _assert(results: list[dict]) -> None:
+    for r in results:
+        where = f"zero 3 {r}"
+        assert r["param_err"] <= TOL, f"{where}: parameters differ from AdamW by {r['param_err']:.2e}"
+        assert max(r["norm_errs"]) <= NORM_TOL, f"{where}: gradient norms differ {r['norm_errs']}"
+        assert r["placeholders"], f"{where}: full parameters survived the step"
+        m = r["memory"]
+        assert m["shard_numel"] * r["dp"] == m["padded_numel"] and m["numel"] == r["local"], where
+        assert m["param_bytes"] == 4 * m["shard_numel"] and m["grad_bytes"] == 4 * m["shard_numel"], where
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_zero3_matches_single_process(dist_pool, size):
+    results = dist_pool.run(size, "test_zero3:_check", timeout=400, size=size)
+    assert len(results[0]) == len(CASES[size])
+    for r in results:
+        _assert(r)
+
+
+def _issue_order() -> dict:
+    """One dp=2 step after a first one (the unit order is known by then): the events the
+    sharded parameters recorded, as (what, unit) in the order they happened."""
+    from trident.parallel.topology import Topology
+
+    cfg = config()
+    topo = Topology.from_initialized()
+    model, opt = build(cfg, topo, {"tp": 1, "pp": 1})
+    for step in range(2):
+        train_step(model, opt, topo, global_batch(cfg, step))
+    return {"order": opt.buffer.order, "events": [[what, unit] for _, what, unit in opt.buffer.events]}
+
+
+def _pairs(events: list, start: str) -> list[tuple[int, int]]:
+    """(index of `start` of a unit, index of `start` of the unit that ran next) for every
+    consecutive pair of units in that phase."""
+    starts = [i for i, e in enumerate(events) if e[0] == start]
+    return list(zip(starts, starts[1:]))
+
+
+def test_zero3_issues_each_collective_before_the_compute_that_waits_for_it(dist_pool):
+    """Forward: the next unit's all-gather is issued before this unit computes. Backward:
+    the next unit's all-gather is issued before this unit's backward ends, and this unit's
+    reduce-scatter before the next unit's backward begins. (Tied embeddings: the embedding
+    unit runs first and again as the head, and stays gathered through the backward.)"""
+    got = dist_pool.run(2, "test_zero3:_issue_order", timeout=120)[0]
+    events = got["events"]
+    assert got["order"] == ["embedding", "layers.0", "layers.1", "final_norm"], got["order"]
+    checked = 0
+    for i, j in _pairs(events, "forward"):
+        cur, nxt = events[i][1], events[j][1]
+        end = events.index(["forward_end", cur], i)
+        if nxt == "embedding" or any(e[0] == "backward" for e in events[end:j]):
+            continue  # the first unit of a microbatch: nothing ran before it to overlap with
+        before = max([k for k in range(i) if events[k][0] == "forward_end"], default=0)
+        assert ["all_gather_issue", nxt] in events[before:i], (cur, nxt, events[before:j])
+        checked += 1
+    for i, j in _pairs(events, "backward"):
+        cur, nxt = events[i][1], events[j][1]
+        if nxt == "embedding":  # the tied embedding is still gathered from its use as the head
+            continue
+        end = events.index(["backward_end", cur], i) if cur != "embedding" else j
+        assert ["all_gather_issue", nxt] in events[i:end], (cur, nxt, events[i:j])
+        if cur != "embedding":
+            assert ["reduce_scatter_issue", cur] in events[i:j], (cur, nxt, events[i:j])
+        checked += 1
+    assert checked >= 10, checked
