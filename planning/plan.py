@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trident.planning.devices import Device
-from trident.planning.plan_memory import StateBytes
 from trident.planning.plan_pipeline import ActivationBytes
+from trident.planning.plan_state import StateBytes
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Settings:
     bucket_mb: float = 25.0
     doc_masking: bool = True
     overlap_grad_reduce: bool = True
+    zero3_reshard_after_forward: bool = True  # ZeRO-3: free gathered units after each forward
     cp: int = 1  # context-parallel size: each cp rank holds seq_len/cp tokens of every sample
 
     @property
@@ -102,8 +103,8 @@ class StagePlan:
         """The step's peak: the full gradient buffer during backward, the W closures of a
         split backward, the transfers the pipeline executor holds besides, and (cp > 1) the
         ring attention's blocks in flight."""
-        return (self.param_bytes + self.state.grad_peak_bytes + self.optimizer_bytes + self.activation_bytes
-                + self.buffer_bytes)
+        return (self.state.param_peak_bytes + self.state.grad_peak_bytes + self.optimizer_bytes
+                + self.activation_bytes + self.buffer_bytes)
 
     @property
     def buffer_bytes(self) -> int:

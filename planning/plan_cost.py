@@ -124,6 +124,9 @@ def comm_bytes(model: ModelConfig, st: Settings, stages: list[StagePlan]) -> dic
         grads = s.state.padded_numel * 4
         if st.zero == 0:
             b = _ring("all_reduce", grads, st.dp_cp)
+        elif st.zero == 3:  # per microbatch: a reduce-scatter, and gathers for forward and backward
+            gathers = 2 * m if st.zero3_reshard_after_forward else 1
+            b = m * _ring("reduce_scatter", grads, st.dp_cp) + gathers * _ring("all_gather", s.state.padded_numel * e, st.dp_cp)
         else:
             b = _ring("reduce_scatter", grads, st.dp_cp) + _ring("all_gather", s.state.padded_numel * e, st.dp_cp)
         dp = max(dp, b)

@@ -218,7 +218,7 @@ def rank_activation_bytes(
     x: Shapes, schedule: str, pp: int, stage: int, microbatches: int, chunks: Sequence[range], recompute: str,
 ) -> ActivationBytes:
     """Rank `stage`'s activations over one step of `schedule`, its layers in `chunks`
-    (one range per virtual stage, `plan_memory.rank_chunks`)."""
+    (one range per virtual stage, `plan_state.rank_chunks`)."""
     vpp = len(chunks)
     steps = schedule_steps(schedule, pp, stage, microbatches, vpp)
     split = any(s.kind == "W" for s in steps)

@@ -34,8 +34,9 @@ from trident.parallel.pipeline.stages import stage_layers
 from trident.planning.devices import Device, get_device
 from trident.planning.plan import Plan, Settings, StagePlan
 from trident.planning.plan_cost import comm_bytes, recompute_flops_per_token, step_time
-from trident.planning.plan_memory import DTYPE_BYTES, Shapes, rank_chunks, stage_params, state_bytes
+from trident.planning.plan_memory import DTYPE_BYTES, Shapes
 from trident.planning.plan_pipeline import rank_activation_bytes
+from trident.planning.plan_state import rank_chunks, stage_params, state_bytes
 from trident.training.config import RECOMPUTE, Config
 from trident.training.metrics import flops_per_token
 
@@ -49,6 +50,7 @@ def settings_from_config(cfg: Config, **overrides: object) -> Settings:
         sequence_parallel=p.sequence_parallel, dtype=t.dtype, schedule=p.pp_schedule, vpp=p.vpp,
         split=tuple(p.pp_split) if p.pp_split else None, bucket_mb=cfg.optim.bucket_mb,
         doc_masking=cfg.data.doc_masking, overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
+        zero3_reshard_after_forward=cfg.optim.zero3_reshard_after_forward,
         cp=p.cp,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -61,8 +63,8 @@ def check(model: ModelConfig, st: Settings) -> None:
         value = getattr(st, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
-    if st.zero not in (0, 1, 2):
-        raise UserError(f"zero is {st.zero!r}; valid values are 0, 1, 2")
+    if st.zero not in (0, 1, 2, 3):
+        raise UserError(f"zero is {st.zero!r}; valid values are 0, 1, 2, 3")
     if st.recompute not in RECOMPUTE:
         raise UserError(f"recompute is {st.recompute!r}; valid values are {', '.join(RECOMPUTE)}")
     if st.dtype not in DTYPE_BYTES:
@@ -105,7 +107,8 @@ def make_plan(model: ModelConfig, st: Settings, device: Device | str = "H100") -
     for r in range(st.pp):
         chunks = rank_chunks(model.n_layers, st.pp, r, st.split, st.vpp)
         params = stage_params(model, st.tp, st.pp, r, st.sequence_parallel, st.split, st.vpp)
-        state = state_bytes(params, st.dp_cp, st.zero, st.dtype, st.bucket_mb)  # reduced and sharded over dp·cp
+        # reduced and sharded over dp·cp
+        state = state_bytes(params, st.dp_cp, st.zero, st.dtype, st.bucket_mb, st.zero3_reshard_after_forward)
         act = rank_activation_bytes(shapes, st.schedule, st.pp, r, m, chunks, st.recompute)
         stages.append(StagePlan(r, tuple(chunks), state, act))
     tokens = st.global_batch_size * st.seq_len

@@ -37,7 +37,8 @@ CASES = {
     (2, 2, 1): [dict(zero=1, recompute="selective", m=4, sp=True, schedule="interleaved", vpp=2),
                 dict(zero=1, recompute="none", m=4, sp=True, schedule="zb-h1", packed=True),
                 dict(zero=0, recompute="selective", m=4, sp=True, schedule="zb-h1", dtype="bf16")],
-    (1, 1, 2): [dict(zero=1, recompute="none", m=2, bucket_mb=0.05), dict(zero=2, recompute="selective", m=1)],
+    (1, 1, 2): [dict(zero=1, recompute="none", m=2, bucket_mb=0.05), dict(zero=2, recompute="selective", m=1),
+                dict(zero=3, recompute="none", m=2), dict(zero=3, recompute="full", m=1, dtype="bf16")],
 }
 
 

@@ -134,3 +134,61 @@ def test_zero3_issues_each_collective_before_the_compute_that_waits_for_it(dist_
             assert ["reduce_scatter_issue", cur] in events[i:j], (cur, nxt, events[i:j])
         checked += 1
     assert checked >= 10, checked
+
+
+def _held_bytes(dtype: str) -> dict:
+    """After a step, the bytes this rank actually holds (every storage its parameters,
+    gradients and optimizer state point at, counted once), next to `trident plan`'s."""
+    import torch
+    import torch.distributed as dist
+
+    from trident.model.stage import build_stage
+    from trident.parallel.topology import Topology
+    from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+    from trident.planning.plan import Settings
+    from trident.planning.planner import make_plan
+
+    cfg = config()
+    topo = Topology.from_initialized() if dist.is_initialized() else Topology.single()
+    model = build_stage(cfg, topo, dtype=parse_dtype(dtype))
+    model.init_weights(0)
+    opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=3), MixedPrecisionConfig(dtype=dtype))
+    data = global_batch(cfg, 0)
+    rows = data["tokens"].shape[0] // topo.dp
+    mine = {k: v[topo.dp_rank * rows : (topo.dp_rank + 1) * rows] for k, v in data.items()}
+    opt.zero_grad()
+    model(mine["tokens"], labels=mine["labels"]).float().mean().backward()
+    opt.grad_sync()
+    assert opt.step().stepped
+
+    def storages(tensors) -> int:
+        seen = {}
+        for t in tensors:
+            if t is not None:
+                seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    units = opt.buffer.buckets
+    params = storages([u.shard for u in units])
+    placeholders = storages(list(model.parameters()))  # one NaN element per unit
+    grads = storages([u.main_grad for u in units] + [p.grad for p in model.parameters()])
+    optim = storages([opt._exp_avg_flat, opt._exp_avg_sq_flat, opt._master_flat])
+    st = Settings(tp=1, pp=1, dp=topo.dp, zero=3, recompute="none", micro_batch_size=rows, seq_len=data["tokens"].shape[1],
+                  global_batch_size=data["tokens"].shape[0], sequence_parallel=False, dtype=dtype)
+    plan = make_plan(cfg, st, "cpu").stages[0]
+    elem = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    return {"held": [params, grads, optim], "planned": [plan.param_bytes, plan.grad_bytes, plan.optimizer_bytes],
+            "placeholders": placeholders, "units": len(units), "elem": elem}
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_zero3_holds_what_the_planner_predicts(dist_pool, dp):
+    for dtype in ("fp32", "bf16"):
+        rows = [_held_bytes(dtype)] if dp == 1 else dist_pool.run(dp, "test_zero3:_held_bytes", timeout=120, dtype=dtype)
+        for r in rows:
+            assert r["held"] == r["planned"], (dp, dtype, r)
+            assert r["placeholders"] <= r["units"] * r["elem"], r
+        if dp > 1:
+            one = _held_bytes(dtype)["held"][0]
+            assert rows[0]["held"][0] * dp >= one and rows[0]["held"][0] * dp <= one + 16 * dp * 4 * rows[0]["units"]

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "be a multiple of 2*cp")
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: parallel.pp)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel size (default: parallel.dp, else 1)")
-    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0, 1 or 2 (default: optim.zero)")
+    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0, 1, 2 or 3 (default: optim.zero)")
     p.add_argument("--recompute", default=None, help="none | selective | full (default: train.recompute)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="default: train.micro_batch_size")
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
@@ -151,6 +151,12 @@ def _notes(plan, model, unit: str, size: float) -> list[str]:
     if st.zero == 2:
         notes.append(f"(grads: the full fp32 buffer held during backward; between steps only the "
                      f"1/{'dp' if st.cp == 1 else 'dp·cp'} shard)")
+    if st.zero == 3:
+        s = plan.stages[0]
+        held = ("every unit gathered from its first use to the step's end" if not st.zero3_reshard_after_forward
+                else "the largest unit gathered, the next one's gather in flight")
+        notes.append(f"(ZeRO-3: params, grads and optimizer state are 1/{st.dp_cp} shards; during a step "
+                     f"{held}: +{(s.state.param_peak_bytes - s.param_bytes) / size:.2f} {unit} on stage 0)")
     if st.cp > 1:
         notes.append(_cp_note(plan, unit, size))
     if any(s.activations.weight_pending for s in plan.stages):

@@ -11,7 +11,8 @@ Activation memory is *measured* over one step, by either of two meters:
   count of live saved tensors per underlying storage and adds a storage's bytes the first
   time it is saved and removes them when autograd releases the last saved tensor on it
   (after that node's backward). Views and tensors saved by several ops count once.
-  Storages of parameters and buffers are not activations and are excluded. The peak is
+  Storages of parameters and buffers are not activations and are excluded (under ZeRO-3,
+  the gathered units' storages, which the sharded parameters name: `holds`). The peak is
   the maximum of that sum over the whole step, so with a pipeline it covers the
   microbatches in flight under the schedule, and with recomputation the activations
   rebuilt during backward (the reentrant checkpoint saves them through the same hooks).
@@ -118,6 +119,8 @@ class ActivationMeter:
         if model is not None:
             for t in list(model.parameters()) + list(model.buffers()):
                 self._exclude.add(_storage_key(t))
+        # ZeRO-3 gathers parameters into new storage each time: ask which those are
+        self._units = getattr(model, "unit_hooks", None)
         self._count: dict[tuple[str, int], int] = {}
         self._bytes: dict[tuple[str, int], int] = {}
         self.live_bytes = 0
@@ -136,7 +139,7 @@ class ActivationMeter:
     def _add(self, t: torch.Tensor) -> tuple[str, int] | None:
         """Count one more holder of `t`'s storage; its key, or None when not counted."""
         key = _storage_key(t)
-        if key in self._exclude or key[1] == 0:
+        if key in self._exclude or key[1] == 0 or (self._units is not None and self._units.holds(t)):
             return None
         n = self._count.get(key, 0)
         if n == 0:

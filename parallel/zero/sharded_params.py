@@ -330,6 +330,12 @@ class ShardedParams:
                 self._free(unit)
 
     # --- bookkeeping ----------------------------------------------------------------------------
+    def holds(self, t: torch.Tensor) -> bool:
+        """Is `t` (a tensor autograd saves) a view of gathered parameters? The activation
+        meter asks: a gathered weight saved for backward is not an activation."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(u.param_data is not None and u.param_data.untyped_storage().data_ptr() == ptr for u in self.buckets)
+
     def _note(self, kind: str, unit: Unit, work: Any) -> None:
         """Record an issued collective (gloo's works have no future to say when one completes:
         `_wait` records how long the step waited for it, the part not hidden)."""

@@ -22,6 +22,9 @@ class UnitHooks(Protocol):
     def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` with unit `name`'s parameters gathered; return its result."""
 
+    def holds(self, t: torch.Tensor) -> bool:
+        """Is `t` a view of gathered parameters (not an activation)?"""
+
 
 def run_unit(hooks: UnitHooks | None, name: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """``fn(*args)``, inside unit `name` when parameter units are sharded (`hooks` given)."""
