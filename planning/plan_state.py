@@ -21,6 +21,7 @@ from typing import Sequence
 from trident.model.config import ModelConfig
 from trident.parallel.pipeline.stages import stage_layers
 from trident.parallel.tensor.layers import padded_vocab_size
+from trident.parallel.zero.sharded_params import IN_FLIGHT
 from trident.planning.plan_memory import DTYPE_BYTES
 
 ALIGN = 16  # elements; trident.parallel.zero.grad_buffer.ALIGN
@@ -168,8 +169,6 @@ def state_bytes(
 
 def _zero3_bytes(params: Sequence[ParamSpec], dp: int, dtype: str, reshard: bool) -> StateBytes:
     """`state_bytes` at ZeRO-3 (`ShardedParams.memory`)."""
-    from trident.parallel.zero.sharded_params import IN_FLIGHT
-
     units = unit_sizes(params, dp)
     padded, largest = sum(units), max(units)
     shard, elem = padded // dp, DTYPE_BYTES[dtype]

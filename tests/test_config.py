@@ -60,7 +60,7 @@ def test_overrides_are_typed_and_applied():
         ("trian.steps=3", "unknown config section 'trian' in 'trian.steps=3'; valid sections are model, train,"),
         ("train.steps=three", "train.steps must be a whole number, got 'three'"),
         ("optim.schedule=exp", "optim.schedule is 'exp'; valid values are cosine, linear, constant, wsd"),
-        ("optim.zero=3", "optim.zero is 3; valid values are 0, 1, 2"),
+        ("optim.zero=4", "optim.zero is 4; valid values are 0, 1, 2, 3"),
         ("train.dtype=fp8", "train.dtype is 'fp8'; valid values are fp32, bf16, fp16"),
         ("steps=3", "override 'steps=3' must look like section.key=value"),
         ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=128"),

@@ -98,3 +98,19 @@ def test_the_parameter_flags_are_declared_once():
         if ".git" not in p.parts and p.parent.name != "tests" and any(n in p.read_text() for n in names)
     }
     assert owners == {"parallel/tensor/sharding.py"}
+
+
+def test_every_package_folder_is_installed():
+    """A folder with an __init__.py that pyproject.toml does not list would be missing from
+    a non-editable install (the context-parallel package once was)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"trident"} | {
+        "trident." + ".".join(p.parent.relative_to(root).parts)
+        for p in root.glob("*/**/__init__.py")
+        if not {"tests", ".git", "build"} & set(p.parts) and "egg-info" not in str(p)
+    }
+    assert found == listed, (sorted(found - listed), sorted(listed - found))

@@ -23,7 +23,8 @@ from test_zero_equivalence import (
 )
 
 CASES = {
-    2: [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1, "reshard": False}, {"tp": 1, "pp": 1, "recompute": "full"}],
+    2: [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1, "reshard": False}, {"tp": 1, "pp": 1, "recompute": "full"},
+        {"tp": 1, "pp": 1, "overlap": False}],
     4: [{"tp": 1, "pp": 1}, {"tp": 2, "pp": 1, "sp": True}, {"tp": 1, "pp": 2},
         {"tp": 1, "pp": 2, "reshard": False, "recompute": "selective"}],
     8: [{"tp": 2, "pp": 2, "sp": True}],
@@ -39,7 +40,8 @@ def build(cfg, topo, case: dict):
 
     model = build_stage(cfg, topo, sequence_parallel=case.get("sp", False), recompute=case.get("recompute", "none"))
     model.init_weights(0)
-    ocfg = OptimizerConfig(**OPTIM, zero=3, zero3_reshard_after_forward=case.get("reshard", True))
+    ocfg = OptimizerConfig(**OPTIM, zero=3, zero3_reshard_after_forward=case.get("reshard", True),
+                           overlap_grad_reduce=case.get("overlap", True))
     return model, DistributedOptimizer(model, topo, ocfg, MixedPrecisionConfig(dtype="fp32"))
 
 
@@ -77,6 +79,8 @@ def _assert(results: list[dict]) -> None:
         m = r["memory"]
         assert m["shard_numel"] * r["dp"] == m["padded_numel"] and m["numel"] == r["local"], where
         assert m["param_bytes"] == 4 * m["shard_numel"] and m["grad_bytes"] == 4 * m["shard_numel"], where
+        if r["dp"] == 4:  # units whose size dp does not divide are padded, never refused
+            assert m["padding"] > 0, where
 
 
 @pytest.mark.parametrize("size", [2, 4, 8])
@@ -192,3 +196,17 @@ def test_zero3_holds_what_the_planner_predicts(dist_pool, dp):
         if dp > 1:
             one = _held_bytes(dtype)["held"][0]
             assert rows[0]["held"][0] * dp >= one and rows[0]["held"][0] * dp <= one + 16 * dp * 4 * rows[0]["units"]
+
+
+def test_bench_zero_prints_zero3_rows():
+    """`trident bench zero` with ZeRO-3: the shards halve at dp=2, the gathered units show in
+    'param peak', and the hidden share of communication is a percentage (not asserted)."""
+    from cli_helpers import trident
+
+    out = trident("bench", "zero", "--dp", "1", "2", "--zero", "1", "3", "--layers", "1", "--hidden", "64", "--vocab",
+                  "256", "--seq", "16", "--steps", "1", "--warmup", "0").stdout
+    rows = {(int(c[0]), int(c[1])): c for c in (line.split() for line in out.splitlines()) if c and c[0] in ("1", "2")}
+    assert set(rows) == {(1, 1), (1, 3), (2, 1), (2, 3)}, out
+    assert abs(float(rows[(2, 3)][2]) * 2 - float(rows[(1, 3)][2])) <= 0.01, out  # params MiB: half at dp=2
+    assert float(rows[(2, 3)][3]) > float(rows[(2, 3)][2]), out  # the gathered units on top
+    assert rows[(2, 3)][-1].endswith("%") and rows[(2, 1)][-1] == "-", out

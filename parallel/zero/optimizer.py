@@ -93,7 +93,8 @@ class OptimizerConfig:
     bucket_mb: float = 25.0
     """Size of a gradient-reduction bucket, in MB of fp32 gradient."""
     overlap_grad_reduce: bool = True
-    """Launch each bucket's reduction during backward as soon as its gradients are ready."""
+    """Launch each bucket's reduction during backward as soon as its gradients are ready
+    (ZeRO-3: prefetch the next unit's parameters and keep reduce-scatters in flight)."""
 
     def validate(self) -> "OptimizerConfig":
         if self.zero not in (0, 1, 2, 3):
@@ -175,7 +176,9 @@ class DistributedOptimizer:
         self.precision = (precision or MixedPrecisionConfig()).validate()
         self.topo = topo
         if self.cfg.zero == 3:  # parameters sharded too, gathered per unit of the model
-            self.buffer: GradBuffer | ShardedParams = ShardedParams(model, topo, self.cfg.zero3_reshard_after_forward)
+            self.buffer: GradBuffer | ShardedParams = ShardedParams(
+                model, topo, self.cfg.zero3_reshard_after_forward, prefetch=self.cfg.overlap_grad_reduce
+            )
         else:
             self.buffer = GradBuffer(model, topo, self.cfg.zero, self.cfg.bucket_size, self.cfg.overlap_grad_reduce)
         if self.buffer.param_dtype != self.precision.torch_dtype:

@@ -76,6 +76,8 @@ class ShardedParams:
 
     def __init__(self, model: nn.Module, topo: Topology, reshard_after_forward: bool = True, prefetch: bool = True):
         self.topo, self.reshard_after_forward, self.prefetch = topo, reshard_after_forward, prefetch
+        # without overlap (`prefetch` off) each reduce-scatter is waited for at once, too
+        self.in_flight = IN_FLIGHT if prefetch else 0
         self.dp, self.dp_rank, self.group = topo.dp_cp, topo.dp_cp_rank, topo.dp_cp_group
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not named:
@@ -250,7 +252,7 @@ class ShardedParams:
         work = reduce_scatter_single(out, data, group=self.group, async_op=True)
         self._note("reduce_scatter", unit, work)
         self.pending.append((unit, work, out, data))
-        while len(self.pending) > IN_FLIGHT:
+        while len(self.pending) > self.in_flight:
             self._fold(self.pending.pop(0))
 
     def _fold(self, item: tuple[Unit, Any, torch.Tensor, torch.Tensor]) -> None:
@@ -347,6 +349,13 @@ class ShardedParams:
         self.events.append((start, f"{kind}_wait", unit.name))
         self.events.append((time.perf_counter(), f"{kind}_waited", unit.name))
 
+    def exposed_wait_s(self) -> float:
+        """Seconds this step waited for its collectives (the communication not hidden
+        behind compute), from the recorded timeline."""
+        starts = [t for t, what, _ in self.events if what.endswith("_wait")]
+        ends = [t for t, what, _ in self.events if what.endswith("_waited")]
+        return sum(e - s for s, e in zip(starts, ends))
+
     def memory(self) -> dict[str, int]:
         """Per-rank bytes: persistent parameter and gradient shards, and what a step adds at
         most (the largest unit gathered, twice with prefetch; its fp32 gradient while the
@@ -359,8 +368,9 @@ class ShardedParams:
         return {
             "numel": used, "padded_numel": numel, "padding": numel - used, "shard_numel": shard,
             "buckets": len(self.buckets), "param_bytes": shard * elem,
-            "param_peak_bytes": largest * elem * (2 if self.prefetch else 1),
-            "grad_bytes": shard * 4, "grad_peak_bytes": largest * 4 * (1 + IN_FLIGHT),
+            "param_peak_bytes": (shard + (largest * (2 if self.prefetch and self.dp > 1 else 1)
+                                          if self.reshard_after_forward else numel)) * elem,
+            "grad_bytes": shard * 4, "grad_peak_bytes": shard * 4 + largest * 4 * (1 + self.in_flight),
         }
 
     def remove_hooks(self) -> None:
