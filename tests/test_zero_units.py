@@ -27,7 +27,7 @@ def _tiny(**kw) -> GPT:
 @pytest.mark.parametrize(
     "make, words",
     [
-        (lambda: OptimizerConfig(zero=3).validate(), ["optim.zero", "3", "0, 1, 2"]),
+        (lambda: OptimizerConfig(zero=4).validate(), ["optim.zero", "4", "0, 1, 2, 3"]),
         (lambda: OptimizerConfig(lr=-1.0).validate(), ["optim.lr", "-1.0"]),
         (lambda: OptimizerConfig(beta2=1.0).validate(), ["optim.beta2", "[0, 1)"]),
         (lambda: DistributedOptimizer(_tiny(), Topology.single(), on_nonfinite="ignore"), ["'ignore'", "skip", "error"]),

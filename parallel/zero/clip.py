@@ -97,12 +97,11 @@ class ShardNorm:
                 s, e = max(lo, slot.start), min(hi, slot.start + slot.numel)
                 if s >= e:
                     continue
-                w = _element_weights(slot.name, slot.param, topo.tp, exclude(slot.name, slot.param))
-                w = w[s - slot.start : e - slot.start]
-                for rs, re, value in _runs(w):
-                    if value == 0.0:
+                for rs, re, value in _weight_runs(slot.name, slot.param, topo.tp, exclude(slot.name, slot.param)):
+                    rs, re = max(rs, s - slot.start), min(re, e - slot.start)
+                    if value == 0.0 or rs >= re:
                         continue
-                    start, end = s + rs - lo, s + re - lo
+                    start, end = slot.start + rs - lo, slot.start + re - lo
                     if runs and runs[-1].end == start and runs[-1].weight == value:
                         runs[-1] = Run(runs[-1].start, end, value)
                     else:
@@ -189,3 +188,32 @@ def _runs(w: torch.Tensor) -> list[tuple[int, int, float]]:
     cuts = (torch.nonzero(w[1:] != w[:-1]).flatten() + 1).tolist()
     starts, ends = [0] + cuts, cuts + [w.numel()]
     return [(s, e, float(w[s])) for s, e in zip(starts, ends)]
+
+
+def _weight_runs(name: str, param: nn.Parameter, tp: int, excluded: bool) -> list[tuple[int, int, float]]:
+    """Runs of equal weight over a local parameter's flat elements, from its pieces alone:
+    a piece along dim 0, or one covering its whole dim, is one contiguous run, so no
+    tensor the size of the parameter is made (1.2e9 float64 weights per rank at 70B);
+    any other piece layout falls back to `_element_weights`."""
+    if excluded:
+        return []
+    shape, numel = tuple(param.shape), param.numel()
+    spans = []
+    for piece in pieces_of(param, name.rpartition(".")[2]):
+        if piece.length == 0:
+            continue
+        inner = numel // max(1, shape[0]) if shape else 1
+        if piece.dim == 0:
+            spans.append((piece.local_start * inner, (piece.local_start + piece.length) * inner, piece))
+        elif piece.local_start == 0 and piece.length == shape[piece.dim]:
+            spans.append((0, numel, piece))
+        else:
+            return _runs(_element_weights(name, param, tp, excluded))
+    runs: list[tuple[int, int, float]] = []
+    for start, end, piece in sorted(spans, key=lambda x: x[0]):
+        weight = 1.0 / tp_replicas(piece, tp)
+        if runs and runs[-1][1] == start and runs[-1][2] == weight:
+            runs[-1] = (runs[-1][0], end, weight)
+        else:
+            runs.append((start, end, weight))
+    return runs
