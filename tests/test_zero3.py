@@ -26,7 +26,8 @@ CASES = {
     2: [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1, "reshard": False}, {"tp": 1, "pp": 1, "recompute": "full"},
         {"tp": 1, "pp": 1, "overlap": False}],
     4: [{"tp": 1, "pp": 1}, {"tp": 2, "pp": 1, "sp": True}, {"tp": 1, "pp": 2},
-        {"tp": 1, "pp": 2, "reshard": False, "recompute": "selective"}],
+        {"tp": 1, "pp": 2, "reshard": False, "recompute": "selective"},
+        {"tp": 1, "pp": 2, "layers": 4, "schedule": "interleaved", "vpp": 2}],
     8: [{"tp": 2, "pp": 2, "sp": True}],
 }
 
@@ -38,7 +39,8 @@ def build(cfg, topo, case: dict):
     from trident.parallel.zero.mixed_precision import MixedPrecisionConfig
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
-    model = build_stage(cfg, topo, sequence_parallel=case.get("sp", False), recompute=case.get("recompute", "none"))
+    model = build_stage(cfg, topo, sequence_parallel=case.get("sp", False), recompute=case.get("recompute", "none"),
+                        vpp=case.get("vpp", 1))
     model.init_weights(0)
     ocfg = OptimizerConfig(**OPTIM, zero=3, zero3_reshard_after_forward=case.get("reshard", True),
                            overlap_grad_reduce=case.get("overlap", True))
@@ -46,20 +48,25 @@ def build(cfg, topo, case: dict):
 
 
 def _check(size: int) -> list[dict]:
+    import dataclasses
+
     from trident.model.gpt import GPT
     from trident.parallel.tensor.sharding import global_shapes
     from trident.parallel.topology import Topology
 
-    cfg = config()
-    ref = reference(cfg)
-    names = global_shapes(GPT(cfg, Topology.single()))
+    refs: dict[int, tuple] = {}  # the one-process run for each depth
     out = []
     for case in CASES[size]:
+        cfg = dataclasses.replace(config(), n_layers=case.get("layers", config().n_layers))
+        if cfg.n_layers not in refs:
+            refs[cfg.n_layers] = (reference(cfg), global_shapes(GPT(cfg, Topology.single())))
+        ref, names = refs[cfg.n_layers]
         topo = Topology.from_initialized(tp=case["tp"], pp=case["pp"])
         model, opt = build(cfg, topo, case)
+        schedule = {k: case[k] for k in ("schedule", "vpp") if k in case}
         norms = []
         for step in range(STEPS):
-            r, _ = train_step(model, opt, topo, global_batch(cfg, step), sp=case.get("sp", False))
+            r, _ = train_step(model, opt, topo, global_batch(cfg, step), sp=case.get("sp", False), **schedule)
             norms.append(r.grad_norm)
         # between steps a rank holds its shards only: every parameter is a placeholder
         placeholders = all(p.data.stride() == (0,) * p.dim() for p in model.parameters() if p.requires_grad)

@@ -44,8 +44,8 @@ def global_batch(cfg, step: int) -> dict:
 def reference(cfg, steps: int = STEPS) -> dict:
     """Single-process torch.optim.AdamW with the same groups, normalisation and clipping."""
     import torch
-
     from equivalence import gather_checked
+
     from trident.model.gpt import GPT
     from trident.parallel.topology import Topology
     from trident.parallel.zero.optimizer import split_decay
@@ -78,9 +78,9 @@ def reference(cfg, steps: int = STEPS) -> dict:
 
 def build(cfg, topo, zero: int, sp: bool = False, overlap: bool = True, dtype: str = "fp32", **optim):
     """This rank's stage of the model and its distributed optimizer."""
+    from trident.model.stage import build_stage
     from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
-    from trident.model.stage import build_stage
 
     model = build_stage(cfg, topo, sequence_parallel=sp, dtype=parse_dtype(dtype))
     model.init_weights(0)
@@ -96,13 +96,14 @@ def microbatches(data: dict, topo) -> list[dict]:
     return [{k: v[i * size : (i + 1) * size] for k, v in rows.items()} for i in range(MICRO)]
 
 
-def train_step(model, opt, topo, data: dict, sp: bool = False, inject=None):
-    """One optimizer step: the documented protocol at pp=1, the 1F1B executor at pp>1."""
+def train_step(model, opt, topo, data: dict, sp: bool = False, inject=None, **schedule):
+    """One optimizer step: the documented protocol at pp=1, the executor at pp>1 (1F1B, or
+    `schedule`: ``schedule=..., vpp=...``)."""
     import torch
 
     from trident.parallel.collectives import all_reduce
-    from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.pipeline.executor import finalize_grads, run_pipeline
+    from trident.parallel.pipeline.p2p import activation_shape
 
     mbs = microbatches(data, topo)
     tokens = ROWS * SEQ  # loss-bearing tokens of the whole global batch
@@ -111,7 +112,7 @@ def train_step(model, opt, topo, data: dict, sp: bool = False, inject=None):
         shape = activation_shape(mbs[0]["tokens"].shape[0], SEQ, model.cfg.hidden, topo.tp, sp)
         loss = run_pipeline(
             model, topo, mbs, act_shape=shape, loss_divisor=tokens,
-            before_backward=opt.before_backward, grad_sync=opt.grad_sync,
+            before_backward=opt.before_backward, grad_sync=opt.grad_sync, **schedule,
         ).loss
     else:
         total = torch.zeros(())
@@ -133,7 +134,6 @@ def full_params(model, topo, names: dict, opt=None) -> dict:
     import contextlib
 
     import torch.distributed as dist
-
     from equivalence import gather_checked
 
     gathered = opt.buffer.full_parameters() if opt is not None and opt.cfg.zero == 3 else contextlib.nullcontext()
@@ -162,8 +162,8 @@ def _layouts(world: int) -> list[dict]:
 
 
 def _check_layouts(size: int, state_dir: str | None = None) -> list[dict]:
-    from trident.parallel.tensor.sharding import global_shapes
     from trident.model.gpt import GPT
+    from trident.parallel.tensor.sharding import global_shapes
     from trident.parallel.topology import Topology
 
     cfg = config()

@@ -136,10 +136,11 @@ class ActivationMeter:
         self.saved_tensors += 1
         return _Packed(t, self._add(t), self)
 
+    @torch.compiler.disable  # bookkeeping on storages: never traced into a compiled block
     def _add(self, t: torch.Tensor) -> tuple[str, int] | None:
         """Count one more holder of `t`'s storage; its key, or None when not counted."""
         key = _storage_key(t)
-        if key in self._exclude or key[1] == 0 or (self._units is not None and self._units.holds(t)):
+        if key in self._exclude or key[1] == 0 or self._gathered_weight(t):
             return None
         n = self._count.get(key, 0)
         if n == 0:
@@ -149,6 +150,9 @@ class ActivationMeter:
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         self._count[key] = n + 1
         return key
+
+    def _gathered_weight(self, t: torch.Tensor) -> bool:
+        return self._units is not None and self._units.holds(t)
 
     @staticmethod
     def _unpack(packed: _Packed) -> torch.Tensor:
