@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cfg = load_config(args.config, overrides_from_args(args))
+    if cfg.train.compile and args.warmup < 1:
+        raise UserError(f"--warmup must be >= 1 with train.compile=true (the first step compiles), got {args.warmup}")
     if under_launcher():
         _rank_main(cfg, args)
         return 0
@@ -240,6 +242,7 @@ def _hf_step(cfg, device, args):
 
 def _measure_single(cfg, args) -> tuple[dict, dict | None, dict | None]:
     """All steps in this process, interleaved: trident, reference, transformers, trident, ..."""
+    from trident.training.compile_clock import compile_seconds
     from trident.training.metrics import device_peak_tflops
     from trident.training.trainer import make_topology
 
@@ -251,14 +254,17 @@ def _measure_single(cfg, args) -> tuple[dict, dict | None, dict | None]:
     hf = _hf_step(cfg, topo.device, args)
     if hf is not None:
         steps[hf.name] = hf
+    compiled = compile_seconds()
     for _ in range(args.warmup):
         for step in steps.values():
             step()
+    compiled = compile_seconds() - compiled
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):
         for name, step in steps.items():
             times[name].append(_timed(step, topo.device))
     rows = {name: _figures(cfg, t, 1, peak, name) for name, t in times.items()}
+    rows["trident"]["compile_s"] = compiled
     return rows["trident"], rows.get("reference"), (rows[hf.name] if hf is not None else None)
 
 
@@ -266,6 +272,7 @@ def _rank_main(cfg, args) -> None:
     """One rank of a multi-rank benchmark; rank 0 writes the figures for the launcher."""
     import torch.distributed as dist
 
+    from trident.training.compile_clock import compile_seconds
     from trident.training.metrics import device_peak_tflops
     from trident.training.trainer import make_topology
 
@@ -273,14 +280,16 @@ def _rank_main(cfg, args) -> None:
     try:
         peak = device_peak_tflops(topo.device, cfg.train.dtype, cfg.log.peak_tflops)
         mine = _TridentStep(cfg, topo)
+        compiled = compile_seconds()
         for _ in range(args.warmup):
             mine()
+        compiled = compile_seconds() - compiled
         times = []
         for _ in range(args.steps):
             dist.barrier()
             times.append(_timed(mine, topo.device))
         if topo.rank == 0 and args.report:
-            Path(args.report).write_text(json.dumps(_figures(cfg, times, topo.world, peak)))
+            Path(args.report).write_text(json.dumps({**_figures(cfg, times, topo.world, peak), "compile_s": compiled}))
     finally:
         dist.destroy_process_group()
 
@@ -317,6 +326,9 @@ def _print(cfg, world: int, mine: dict, ref: dict | None, hf: dict | None, args)
     for name, r in rows:
         print(f"  {name:<40}{r['step_s']:>9.4f}{r['tokens_per_s']:>12.0f}{r['tflops']:>13.4f}{r['mfu']:>8.1%}")
     print(f"  peak {mine['peak_tflops']:.3f} TFLOP/s per device ({mine['peak_source']})")
+    if t.compile:
+        print(f"  torch.compile: {mine.get('compile_s', 0.0):.1f} s compiling (rank 0) in the warm-up steps, "
+              f"excluded from the timed ones")
     ratios = [f"trident / reference throughput: {_ratio(mine, ref):.2f}x"] if ref else []
     ratios += [f"trident / transformers throughput: {_ratio(mine, hf):.2f}x"] if hf else []
     if ratios:

@@ -36,6 +36,7 @@ from trident.parallel.random import RNGStreams
 from trident.parallel.zero.clip import NonFiniteGradientError
 from trident.parallel.zero.mixed_precision import parse_dtype
 from trident.training.build import build_model, build_optimizer, build_schedule
+from trident.training.compile_clock import TIMING_KEYS, CompileClock
 from trident.training.config import Config, derive
 from trident.training.data_setup import build_data
 from trident.training.memory import ActivationMeter, memory_record, rank_memory
@@ -260,23 +261,29 @@ class Trainer:
                        dynamic_ncols=True, disable=None)
         losses: list[float] = []
         stopped_by, val_loss = "steps", None
-        start = time.perf_counter()
+        start, clock = time.perf_counter(), CompileClock(cfg.train.compile)
         it = iter(self.data.train)
         self.model.train()
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
+                clock.start()
                 micros = next(it)
                 logged = (self.step + 1) % cfg.log.interval == 0 or self.step + 1 == cfg.train.steps
                 out = self.train_step(micros, measure=logged)
                 self.step += 1
                 dt = time.perf_counter() - t0
+                compiled = clock.compiled(dt, self.topo)  # a compile step has no step time (compile_clock)
+                if (note := clock.first_report(self.step)) is not None:
+                    self.log(note)
                 losses.append(out["loss"])
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{self.derived.tokens_per_step / dt:,.0f}")
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s="compiling" if compiled else
+                                    f"{self.derived.tokens_per_step / dt:,.0f}")
                 if self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
-                    metrics.write(self._record(out, dt))
+                    record = {k: v for k, v in self._record(out, dt).items() if not (compiled and k in TIMING_KEYS)}
+                    metrics.write({**record, **clock.take()})
                 if self.step < cfg.train.steps and cfg.checkpoint.interval > 0 and self.step % cfg.checkpoint.interval == 0:
                     self.save()
                 if self.step < cfg.train.steps and cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0:
