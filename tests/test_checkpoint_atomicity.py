@@ -13,11 +13,12 @@ import json
 import pytest
 import torch
 
-from trident.model.config import PRESETS
-from trident.parallel.topology import Topology
 from trident.checkpoint import checkpoint as ckpt
-from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+from trident.checkpoint import durable
+from trident.model.config import PRESETS
 from trident.model.stage import build_stage
+from trident.parallel.topology import Topology
+from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
 
 
 class Crash(RuntimeError):
@@ -34,9 +35,9 @@ def _parts():
 def _count_steps(monkeypatch, root, topo, model, opt) -> int:
     """How many file-system steps one save takes (files written, renames)."""
     calls = []
-    for name in ("save_file", "_write_json_atomic"):
-        real = getattr(ckpt, name)
-        monkeypatch.setattr(ckpt, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
+    for name in ("save_file", "write_json"):
+        real = getattr(durable, name)
+        monkeypatch.setattr(durable, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     real_replace = ckpt.os.replace
     monkeypatch.setattr(ckpt.os, "replace", lambda *a, **k: (calls.append(1), real_replace(*a, **k))[1])
     ckpt.save_checkpoint(root, 99, topo, model, opt, None, ckpt.RunState(consumed_samples=0))
@@ -47,7 +48,7 @@ def _count_steps(monkeypatch, root, topo, model, opt) -> int:
 def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     topo, model, opt = _parts()
     n_steps = _count_steps(monkeypatch, tmp_path / "probe", topo, model, opt)
-    assert n_steps >= 6  # model, optimizer and rng files, a manifest, meta.json, rename, latest
+    assert n_steps >= 7  # model, optimizer and rng files, a manifest, index, meta.json, rename, latest
     for crash_at in range(n_steps):
         root = tmp_path / f"crash{crash_at}"
         ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
@@ -64,8 +65,8 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path,
                 return real(*args, **kwargs)
             return wrapped
 
-        for name in ("save_file", "_write_json_atomic"):
-            monkeypatch.setattr(ckpt, name, maybe_crash(getattr(ckpt, name)))
+        for name in ("save_file", "write_json"):
+            monkeypatch.setattr(durable, name, maybe_crash(getattr(durable, name)))
         monkeypatch.setattr(ckpt.os, "replace", maybe_crash(ckpt.os.replace))
         with pytest.raises(Crash):
             ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
@@ -96,9 +97,9 @@ def _save_twice_rank1_dies_in_the_second(root: str) -> None:
     opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=1))
     ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
     if topo.rank == 1:
-        def die(path, obj):
+        def die(path, obj, indent=2):
             raise Crash("rank 1 dies between writing its files and reporting them")
-        ckpt._write_json_atomic = die
+        durable.write_json = die
     ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
 
 
@@ -114,21 +115,22 @@ def test_a_save_interrupted_between_ranks_leaves_latest_on_the_previous_checkpoi
     assert found is not None and found.name == "step_0000001"  # complete and verified
     assert set(ckpt.read_state(found).files) == {
         "model_pp0_tp0.safetensors", "optim_rank0.safetensors", "optim_rank1.safetensors",
-        "rng_rank0.safetensors", "rng_rank1.safetensors"}
+        "rng_rank0.safetensors", "rng_rank1.safetensors", "index.json"}
 
 
 def _full_disk(rank_to_fail: int):
-    """save_file that raises ENOSPC for the optimizer file on `rank_to_fail` (as a full disk would)."""
-    import errno
-
+    """safetensors' save_file (the lowest write layer Python reaches) failing for the
+    optimizer file on `rank_to_fail` with the error safetensors gives for a full disk."""
     import torch.distributed as dist
+    from safetensors import SafetensorError
 
-    real = ckpt.save_file
+    real = durable.save_file
 
     def save_file(tensors, path, metadata=None):
         me = dist.get_rank() if dist.is_initialized() else 0
         if me == rank_to_fail and "optim_rank" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error 28) "
+                                  f"at path \"{path}.tmpXyZ\"")
         return real(tensors, path, metadata=metadata)
 
     return save_file
@@ -140,9 +142,11 @@ def test_a_full_disk_gives_one_sentence_and_leaves_nothing_half_written(tmp_path
     topo, model, opt = _parts()
     root = tmp_path / "checkpoints"
     ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
-    monkeypatch.setattr(ckpt, "save_file", _full_disk(0))
-    words = r"saving checkpoint step 2 failed on rank 0: No space left on device writing \S+optim_rank0.safetensors; " \
-            r"[0-9.]+ [GM]B free there, and this rank writes about [0-9.]+ [GM]B .*step_0000002.tmp was removed"
+    monkeypatch.setattr(durable, "save_file", _full_disk(0))
+    words = (r"saving checkpoint step 2 to \S+step_0000002.tmp failed on rank 0: No space left on device writing "
+             r"optim_rank0.safetensors; the checkpoint needs [0-9]+ bytes \([0-9.]+ [kMG]B\) and [0-9]+ bytes "
+             r"\([0-9.]+ [kMG]B\) are free there; \S+step_0000002.tmp was removed and the previous checkpoint "
+             r"stays the latest$")
     with pytest.raises(UserError, match=words):
         ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001"]
@@ -158,14 +162,14 @@ def _save_with_a_full_disk_on_rank1(root: str) -> list[str]:
     model.init_weights(0)
     opt = DistributedOptimizer(model, topo, OptimizerConfig(zero=1))
     ckpt.save_checkpoint(root, 1, topo, model, opt, None, ckpt.RunState(consumed_samples=8))
-    real = ckpt.save_file
-    ckpt.save_file = _full_disk(1)
+    real = durable.save_file
+    durable.save_file = _full_disk(1)
     try:
         ckpt.save_checkpoint(root, 2, topo, model, opt, None, ckpt.RunState(consumed_samples=16))
     except UserError as err:
         return [str(err)]
     finally:
-        ckpt.save_file = real
+        durable.save_file = real
     return []
 
 
@@ -173,6 +177,6 @@ def test_a_full_disk_on_one_rank_stops_every_rank_without_a_hang(dist_pool, tmp_
     root = tmp_path / "checkpoints"
     rank0, rank1 = dist_pool.run(2, "test_checkpoint_atomicity:_save_with_a_full_disk_on_rank1", timeout=60,
                                  root=str(root))
-    assert len(rank1) == 1 and "failed on rank 1: No space left on device" in rank1[0]
-    assert len(rank0) == 1 and "failed on another rank" in rank0[0]
+    assert len(rank1) == 1 and "failed on rank 1: No space left on device writing optim_rank1" in rank1[0]
+    assert len(rank0) == 1 and "failed on another rank" in rank0[0] and "the checkpoint needs" in rank0[0]
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001"]
