@@ -34,6 +34,7 @@ import torch
 from trident.checkpoint.hf_files import DEFAULT_MAX_SHARD_BYTES, read_safetensors, write_json, write_safetensors
 from trident.checkpoint.hf_gpt2 import config_from_gpt2, from_gpt2, gpt2_config, to_gpt2
 from trident.checkpoint.hf_llama import config_from_llama, from_llama, llama_config, to_llama
+from trident.checkpoint.hf_mixtral import check_mixtral, config_from_mixtral, from_mixtral, mixtral_config, to_mixtral
 from trident.data.hf_tokenizer import export_tokenizer
 from trident.errors import UserError
 from trident.model.config import ModelConfig
@@ -69,6 +70,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
             raise refuse(f"RoPE with {cfg.activation} (model.activation={cfg.activation!r})")
         if cfg.norm != "rmsnorm":
             raise refuse(f"RoPE with LayerNorm (model.norm={cfg.norm!r})")
+        if cfg.moe_experts > 0:  # Llama with sparse MoE blocks
+            check_mixtral(cfg)
+            return "mixtral"
         return "llama"
     # learned positions: GPT-2
     if cfg.norm != "layernorm":
@@ -83,7 +87,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
 
 
 # --- the two entry points ----------------------------------------------------------------------------
-_TO_HF: dict[str, tuple[Callable, Callable]] = {"llama": (to_llama, llama_config), "gpt2": (to_gpt2, gpt2_config)}
+_TO_HF: dict[str, tuple[Callable, Callable]] = {
+    "llama": (to_llama, llama_config), "gpt2": (to_gpt2, gpt2_config), "mixtral": (to_mixtral, mixtral_config),
+}
 
 
 def export_hf(
@@ -176,8 +182,13 @@ def import_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Ten
     elif kind == "gpt2":
         cfg = config_from_gpt2(hf)
         tensors = from_gpt2(cfg, read_safetensors(folder))
+    elif kind == "mixtral":
+        cfg = config_from_mixtral(hf)
+        tensors = from_mixtral(cfg, read_safetensors(folder))
     else:
-        raise UserError(f"cannot import Hugging Face model_type {kind!r} from {str(folder)!r}; supported are llama and gpt2")
+        raise UserError(
+            f"cannot import Hugging Face model_type {kind!r} from {str(folder)!r}; supported are llama, mixtral and gpt2"
+        )
     check_shapes(cfg, tensors, f"the weights in {str(folder)!r}")
     return cfg, tensors
 

@@ -53,7 +53,7 @@ class EarlyStopping:
 @dataclass
 class RunState:
     """Everything meta.json holds. The defaults are a run that has not started yet;
-    `save_checkpoint` fills `step`, `layout` and `files` when it writes the checkpoint."""
+    `save_checkpoint` fills `step`, `layout`, `files` and `expert_bias` when it writes the checkpoint."""
 
     consumed_samples: int = 0
     scheduler: dict[str, Any] = field(default_factory=lambda: {"steps_taken": 0})  # the LR schedule's state_dict
@@ -66,6 +66,8 @@ class RunState:
     step: int = 0
     layout: Layout = field(default_factory=Layout)
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    # MoE selection bias by global name (trident.model.moe.expert_bias_state); {} when the model has none
+    expert_bias: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """meta.json's object, keys in the order every trident checkpoint has written them."""
@@ -86,6 +88,8 @@ class RunState:
         }
         if self.imported_from is not None:
             out["imported_from"] = self.imported_from
+        if self.expert_bias:  # only an MoE with a selection bias: every other checkpoint stays byte-for-byte the same
+            out["expert_bias"] = self.expert_bias
         return out
 
     @classmethod
@@ -112,6 +116,7 @@ class RunState:
             step=get("step", int),
             layout=Layout(**{k: get.inside(lay, "layout", k, int) for k in ("tp", "pp", "dp", "world", "zero")}),
             files={name: get.inside(files, "files", name, str) for name in files},
+            expert_bias=_expert_bias(get("expert_bias", dict, optional=True) or {}, where),
         )
 
     def model_config(self) -> ModelConfig:
@@ -129,6 +134,15 @@ class RunState:
         data = self.config.get("data")
         recorded = [self.tokenizer, data.get("tokenizer") if isinstance(data, dict) else None]
         return [r for r in recorded if isinstance(r, str) and r]
+
+
+def _expert_bias(saved: dict[str, Any], where: str) -> dict[str, list[float]]:
+    """meta.json's ``expert_bias``, every value checked to be a list of numbers."""
+    for name, values in saved.items():
+        numbers = isinstance(values, list) and all(type(v) in (int, float) for v in values)  # bool is no number
+        if not numbers:
+            raise CheckpointCorruptError(f"{where} has expert_bias.{name} = {values!r}, expected a list of numbers")
+    return saved
 
 
 # the fields a trainer or importer chooses; step, layout and files come from the save itself

@@ -14,6 +14,13 @@ call per chunk on the tokenizer's own thread pool would wait for the chunk's lon
 document at every chunk boundary, and parsing would not overlap encoding. With N > 1
 workers the executor is N spawned processes, all reaped (resource tracker included)
 before ``preprocess`` returns, on errors and Ctrl-C too.
+
+Ctrl-C in a terminal signals the whole process group, workers included, at any moment --
+even while a worker is still starting, before any code of ours runs in it. A worker that
+died of it would leave the executor waiting for its result; so every worker is started
+with SIGINT blocked (the mask is inherited through fork and exec), and its initializer
+ignores SIGINT before unblocking it. The parent alone turns Ctrl-C into KeyboardInterrupt,
+and only where the executor's state is whole (`_sigint_deferred`).
 """
 
 from __future__ import annotations
@@ -25,11 +32,12 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from multiprocessing import resource_tracker
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -146,9 +154,12 @@ _WORKER: _Encoder | None = None
 
 
 def _init_worker(*args: object) -> None:
-    # Ctrl-C goes to the whole process group; the parent handles it and terminates the pool,
-    # so workers ignore it instead of dying mid-result and leaving the pool hung.
+    # Ctrl-C goes to the whole process group; the parent handles it and shuts the pool down,
+    # so workers ignore it instead of dying mid-result and leaving the pool hung. SIGINT is
+    # blocked since the worker was spawned (`_sigint_deferred`): ignoring it first discards
+    # one that arrived during start-up, then unblocking is safe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     global _WORKER
     _WORKER = _Encoder(*args)  # type: ignore[arg-type]
 
@@ -180,6 +191,31 @@ def usable_cores() -> int:
 
 
 @contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C for the span of the block, then deliver it.
+
+    Around `submit` (which spawns workers on demand) and `shutdown`: a process spawned here
+    inherits SIGINT blocked, and a KeyboardInterrupt never lands inside the executor's
+    bookkeeping (a worker started but not yet recorded would take a shutdown sentinel
+    meant for another, and shutdown would wait forever). The block never waits on input,
+    so Ctrl-C is held for microseconds (or one chunk's encoding, at shutdown).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread runs Python signal handlers; it spawns nothing here
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # one that waited is recorded here
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler that was in place
+
+
+@contextlib.contextmanager
 def _executor(workers: int, encoder: _Encoder, encoder_args: tuple) -> Iterator[tuple[Executor, Callable]]:
     """The executor that encodes chunks, and the function it runs; shut down and joined on exit.
 
@@ -203,10 +239,11 @@ def _executor(workers: int, encoder: _Encoder, encoder_args: tuple) -> Iterator[
     try:
         yield pool, _encode_in_worker
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        del pool
-        if not tracker_was_running:
-            _stop_resource_tracker()
+        with _sigint_deferred():  # a second Ctrl-C must not abandon the workers mid-join
+            pool.shutdown(wait=True, cancel_futures=True)
+            del pool
+            if not tracker_was_running:
+                _stop_resource_tracker()
 
 
 def _resource_tracker_pid() -> int | None:
@@ -232,7 +269,8 @@ def _run_chunks(chunks: Iterator[list[Record]], pool: Executor, encode: Callable
     """Encode ``chunks`` on ``pool`` with at most ``window`` in flight; consume results in order."""
     pending: deque[Future] = deque()
     for chunk in chunks:
-        pending.append(pool.submit(encode, chunk))
+        with _sigint_deferred():  # submit may spawn a worker
+            pending.append(pool.submit(encode, chunk))
         if len(pending) >= window:
             consume(pending.popleft().result())
     while pending:

@@ -17,6 +17,7 @@ POSITIONS = ("learned", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = tuple(LEAN_ACTIVATIONS)  # the MLP runs them through `activation_linear`
+MOE_ROUTERS = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -61,6 +62,26 @@ class ModelConfig:
     """The embedding is padded to a multiple of this times tp (Megatron's rule)."""
     init_std: float = 0.02
     """Std of the normal init; output projections use init_std / sqrt(2 * n_layers)."""
+    moe_experts: int = 0
+    """Routed experts per MoE layer (E); 0 keeps every MLP dense."""
+    moe_top_k: int = 2
+    """Experts each token is sent to (k <= E)."""
+    moe_ffn_hidden: int | None = None
+    """Inner width of one expert (SwiGLU); defaults to ffn_hidden."""
+    moe_shared_experts: int = 0
+    """Always-on experts (DeepSeek), run as one tensor-parallel SwiGLU of width shared * moe_ffn_hidden."""
+    moe_layer_freq: int = 1
+    """Every k-th block is MoE (block i when i % k == 0, Megatron's rule); 1 = all."""
+    moe_router: str = "softmax"
+    """softmax (Mixtral: top-k of the softmax, renormalised) or sigmoid (DeepSeek-V3: top-k of sigmoids, normalised)."""
+    moe_aux_loss_coef: float = 0.0
+    """Weight of the Switch load-balancing loss (1.0 when balanced), added to the training loss."""
+    moe_bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): per-expert selection bias += rate * sign(mean load - load) each step."""
+    moe_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (ST-MoE): mean of logsumexp(router logits)^2."""
+    moe_capacity_factor: float | None = None
+    """None = dropless; else each expert takes at most ceil(factor * tokens * k / E) tokens, the rest are dropped."""
 
     @property
     def kv_heads(self) -> int:
@@ -73,6 +94,42 @@ class ModelConfig:
     @property
     def ffn(self) -> int:
         return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.hidden
+
+    @property
+    def moe_ffn(self) -> int:
+        return self.moe_ffn_hidden if self.moe_ffn_hidden is not None else self.ffn
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_experts > 0 and layer % self.moe_layer_freq == 0
+
+    def _validate_moe(self) -> None:
+        e, k = self.moe_experts, self.moe_top_k
+        if not isinstance(e, int) or e < 0:
+            raise UserError(f"model.moe_experts must be a whole number >= 0 (0 = dense), got {e!r}")
+        if e == 0:
+            return
+        if not isinstance(k, int) or not 1 <= k <= e:
+            raise UserError(f"model.moe_top_k={k!r} must be a whole number in [1, model.moe_experts={e}]")
+        for name in ("moe_layer_freq",):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"model.{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.moe_shared_experts, int) or self.moe_shared_experts < 0:
+            raise UserError(f"model.moe_shared_experts must be a whole number >= 0, got {self.moe_shared_experts!r}")
+        if self.moe_ffn < 1:
+            raise UserError(f"model.moe_ffn_hidden must be >= 1, got {self.moe_ffn}")
+        if self.moe_router not in MOE_ROUTERS:
+            raise UserError(f"model.moe_router is {self.moe_router!r}; valid values are {', '.join(MOE_ROUTERS)}")
+        for name in ("moe_aux_loss_coef", "moe_bias_update_rate", "moe_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"model.{name} must be >= 0, got {getattr(self, name)!r}")
+        cap = self.moe_capacity_factor
+        if cap is not None and not cap > 0:
+            raise UserError(f"model.moe_capacity_factor must be > 0 or null (dropless), got {cap!r}")
+        if self.activation != "swiglu" or self.bias:
+            raise UserError(
+                f"MoE experts are SwiGLU without biases; set model.activation=swiglu and model.bias=false "
+                f"(got {self.activation!r}, bias={self.bias}) or model.moe_experts=0"
+            )
 
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "n_layers", "hidden", "n_heads", "max_seq_len", "vocab_pad_multiple"):
@@ -100,6 +157,7 @@ class ModelConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise UserError(f"model.{name}={p} must be in [0, 1)")
+        self._validate_moe()
         return self
 
     def check_tp(self, tp: int) -> "ModelConfig":
@@ -109,6 +167,9 @@ class ModelConfig:
             raise UserError(f"model.n_heads={self.n_heads} is not divisible by tp={tp}; choose tp dividing {self.n_heads}")
         if self.ffn % tp != 0:
             raise UserError(f"model.ffn_hidden={self.ffn} is not divisible by tp={tp}")
+        shared = self.moe_shared_experts * self.moe_ffn if self.moe_experts else 0
+        if shared % tp != 0:
+            raise UserError(f"model.moe_shared_experts x moe_ffn_hidden = {shared} is not divisible by tp={tp}")
         kv = self.kv_heads
         if kv % tp != 0 and tp % kv != 0:
             raise UserError(
@@ -117,8 +178,9 @@ class ModelConfig:
             )
         return self
 
-    def num_parameters(self, include_embedding: bool = True) -> int:
-        """Parameters of the unpadded, unsharded model."""
+    def num_parameters(self, include_embedding: bool = True, active: bool = False) -> int:
+        """Parameters of the unpadded, unsharded model; `active`: those one token uses (k of
+        the E routed experts per MoE layer, plus the router and shared experts)."""
         h, f, v, kv_dim = self.hidden, self.ffn, self.vocab_size, self.kv_heads * self.head_dim
         b = 1 if self.bias else 0
         attn = h * (h + 2 * kv_dim) + b * (h + 2 * kv_dim) + h * h + b * h
@@ -127,6 +189,10 @@ class ModelConfig:
         qk = 2 * self.head_dim if self.qk_norm else 0
         per_layer = attn + mlp + 2 * norm + qk
         total = self.n_layers * per_layer + norm
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        if n_moe:
+            experts = (self.moe_top_k if active else self.moe_experts) + self.moe_shared_experts
+            total += n_moe * (self.moe_experts * h + experts * 3 * h * self.moe_ffn - mlp)
         if include_embedding:
             total += v * h * (1 if self.tie_embeddings else 2)
             if self.position == "learned":

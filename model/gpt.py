@@ -29,6 +29,7 @@ from trident.model.attention import (
     rope_tables,
 )
 from trident.model.config import ModelConfig
+from trident.model.moe import MoE
 from trident.model.norms import make_norm
 from trident.parallel.random import REPLICATED, TP, RNGStreams
 from trident.parallel.recompute import checkpoint
@@ -57,9 +58,9 @@ RECOMPUTE = ("none", "selective", "full")
 class MLP(nn.Module):
     """SwiGLU (fused gate+up, each rank holding matching slices of both) or GeLU."""
 
-    def __init__(self, cfg: ModelConfig, topo: Topology, sp: bool, device, dtype):
+    def __init__(self, cfg: ModelConfig, topo: Topology, sp: bool, device, dtype, width: int | None = None):
         super().__init__()
-        f, tp, r = cfg.ffn, topo.tp, topo.tp_rank
+        f, tp, r = width or cfg.ffn, topo.tp, topo.tp_rank
         local = f // tp
         self.swiglu = cfg.activation == "swiglu"
         kw = {"device": device, "dtype": dtype}
@@ -75,6 +76,15 @@ class MLP(nn.Module):
         return self.proj(h, "swiglu" if self.swiglu else "gelu")
 
 
+def _make_mlp(cfg: ModelConfig, topo: Topology, layer: int, sp: bool, device, dtype) -> nn.Module:
+    """The dense MLP, or an MoE layer (`trident.model.moe`) where `ModelConfig.is_moe_layer` says so."""
+    if not cfg.is_moe_layer(layer):
+        return MLP(cfg, topo, sp, device, dtype)
+    width = cfg.moe_shared_experts * cfg.moe_ffn  # DeepSeek's shared experts, as one tp-split MLP
+    shared = MLP(cfg, topo, sp, device, dtype, width=width) if width else None
+    return MoE(cfg, topo, layer, sp, shared, device, dtype)
+
+
 # --- block ---------------------------------------------------------------------------------
 class TransformerBlock(nn.Module):
     def __init__(
@@ -88,7 +98,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = make_norm(cfg, cfg.hidden, sp, device, dtype)
         self.attn = Attention(cfg, topo, layer, sp, rng, device, dtype, recompute_core=recompute == "selective")
         self.norm2 = make_norm(cfg, cfg.hidden, sp, device, dtype)
-        self.mlp = MLP(cfg, topo, sp, device, dtype)
+        self.mlp = _make_mlp(cfg, topo, layer, sp, device, dtype)
         self.dropout = _HiddenDropout(cfg.dropout, rng, sp)
 
     def forward(self, x: torch.Tensor, att: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
@@ -174,6 +184,9 @@ class GPT(nn.Module):
                 f"model.attention_dropout={cfg.attention_dropout} cannot be used with context parallelism "
                 f"(cp={topo.cp}): ring attention has no dropout; set model.attention_dropout=0 or cp=1"
             )
+        if topo.cp > 1 and cfg.moe_experts > 0:
+            raise UserError(f"MoE layers (model.moe_experts={cfg.moe_experts}) are not yet supported with "
+                            f"context parallelism (cp={topo.cp}); set cp=1")
         self.recompute = recompute
         self.cfg, self.topo, self.rng = cfg, topo, rng
         self.unit_hooks: UnitHooks | None = None  # installed by ZeRO-3 (`ShardedParams`)

@@ -9,7 +9,8 @@ really are the same function (so the speed ratio compares like with like).
 
 Supports what both GPT-2 and Llama express: RMSNorm/LayerNorm (pre or post), RoPE or
 learned positions, SwiGLU or GeLU, biases, tied or untied embeddings, GQA. ALiBi and
-QK-norm are refused with a `UserError` naming the feature.
+QK-norm are refused with a `UserError` naming the feature, and so is a mixture of experts
+(its dense MLP would silently compare another model).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def check_supported(cfg: ModelConfig) -> None:
         raise UserError(f"the plain reference model has no {cfg.position!r} positions; it supports rope and learned")
     if cfg.qk_norm:
         raise UserError("the plain reference model has no qk_norm; set model.qk_norm=false to compare")
+    if cfg.moe_experts > 0:
+        raise UserError(f"the plain reference model has no mixture of experts (model.moe_experts={cfg.moe_experts}); "
+                        "it compares dense models only")
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from trident.errors import UserError
+from trident.parallel.heartbeat import Heartbeat
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -138,6 +139,10 @@ class Topology:
     embedding_group: dist.ProcessGroup | None = None
     # tp sub-groups by block size: the ranks that share one replicated kv head
     tp_block_groups: dict[int, dist.ProcessGroup | None] = field(default_factory=dict)
+    # the rendezvous store (this attempt's key space), for the stall watchdog; None when
+    # the process group was made elsewhere (`from_initialized`) or there is none
+    store: dist.Store | None = None
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # this rank's current phase
 
     # --- coordinates -------------------------------------------------------------------
     @property
@@ -255,6 +260,7 @@ class Topology:
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(dev)
+        prefixed = None
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=timeout_s)
             store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
@@ -262,14 +268,17 @@ class Topology:
             # same store; keys left by the killed attempt would send a rank to a dead
             # peer's address, so each attempt gets its own key space.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            prefixed = dist.PrefixStore(f"trident/attempt_{attempt}", store)
             dist.init_process_group(
                 backend=backend_for(dev),
-                store=dist.PrefixStore(f"trident/attempt_{attempt}", store),
+                store=prefixed,
                 rank=rank,
                 world_size=world,
                 timeout=timeout,
             )
-        return cls._with_groups(layout, dev, timeout_s)
+        topo = cls._with_groups(layout, dev, timeout_s)
+        topo.store = prefixed
+        return topo
 
     @classmethod
     def from_initialized(

@@ -46,7 +46,12 @@ from trident.planning.plan_pipeline import dkv_block_bytes, kv_block_bytes
 # --- FLOPs ------------------------------------------------------------------------------------
 def _layer_matmul_params(model: ModelConfig) -> int:
     h, f, kv_dim = model.hidden, model.ffn, model.kv_heads * model.head_dim
-    return h * (h + 2 * kv_dim) + h * h + (3 if model.activation == "swiglu" else 2) * h * f
+    dense = h * (h + 2 * kv_dim) + h * h + (3 if model.activation == "swiglu" else 2) * h * f
+    n_moe = sum(model.is_moe_layer(i) for i in range(model.n_layers))
+    if n_moe:  # MoE layers use the router, k routed and the shared experts per token: the layers' mean
+        moe = model.moe_experts * h + (model.moe_top_k + model.moe_shared_experts) * 3 * h * model.moe_ffn
+        dense += n_moe * (moe - 3 * h * f) // model.n_layers
+    return dense
 
 
 def recompute_flops_per_token(model: ModelConfig, st: Settings) -> float:

@@ -206,11 +206,32 @@ def layer_bytes(x: Shapes, recompute: str = "none") -> dict[str, int]:
         parts["attention_core"] = attention_core_bytes(x)
         if qkv_view_saved(x):
             parts["qkv"] = qkv
-    fc = 2 * f if c.activation == "swiglu" else f
-    parts["mlp"] = e * b * s * fc  # the first linear's output; the activation is rebuilt in backward
+    if c.moe_experts > 0:  # every block planned as an MoE block (an upper bound when dense ones are mixed in)
+        parts["mlp"] = moe_bytes(x)
+    else:
+        fc = 2 * f if c.activation == "swiglu" else f
+        parts["mlp"] = e * b * s * fc  # the first linear's output; the activation is rebuilt in backward
     if c.dropout > 0:
         parts["dropout_masks"] = 2 * x.dropout_mask * b * sr * h
     return parts
+
+
+def moe_bytes(x: Shapes) -> int:
+    """An MoE block's MLP (`trident.model.moe`) for one microbatch, beyond its input. For the
+    T·k routed rows (T = this rank's tokens, the sequence shard under sp): the expert-sorted
+    input, gate+up output, SiLU output and second matmul input, the expert output (kept by
+    the scatter back) and its scattered copy (kept by the gate weighting). The router's fp32
+    logits, probabilities and per-token sums, the gates (raw, normalised), the int64 choices
+    and permutation indices, and in bf16/fp16 fp32 copies of the input and the router
+    weight. A shared expert keeps its first linear's output, as a dense MLP."""
+    c, e, h, f, k, n = x.cfg, x.e, x.cfg.hidden, x.cfg.moe_ffn, x.cfg.moe_top_k, x.cfg.moe_experts
+    t = x.b * x.sr
+    routed = e * t * k * (3 * h + 4 * f)
+    router = 4 * t * (2 * n + k + 2) + (4 if e == 4 else e) * t * k + 24 * t * k + 8 * n
+    if e != 4:
+        router += 4 * t * h + 4 * n * h
+    shared = e * x.b * x.s * 2 * (c.moe_shared_experts * f // x.tp)
+    return routed + router + shared
 
 
 def embedding_bytes(x: Shapes) -> int:

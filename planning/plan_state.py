@@ -2,7 +2,7 @@
 optimizer state behind `trident plan` (activations are `trident.planning.plan_memory`'s).
 
 The parameter list of a pipeline stage at a tp size (the same local shapes and order as
-`trident.model.gpt.GPT`), packed into gradient buckets the way
+`trident.model.gpt.GPT`; an MoE block holds its router and all E experts), packed into gradient buckets the way
 `trident.parallel.zero.grad_buffer.GradBuffer` packs them (reverse order, deferred
 tp-partial / tied parameters last, each bucket padded to a multiple of dp * 16), then
 priced as `DistributedOptimizer.memory()` prices them: parameters in the model dtype,
@@ -84,6 +84,15 @@ def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int, sequence_parall
             norm(f"{p}.attn.q_norm", hd, True)
             norm(f"{p}.attn.k_norm", hd, True)
         norm(f"{p}.norm2", h, sp)
+        if cfg.is_moe_layer(i):  # router and all E experts, whole on every tp rank (tp-partial under sp)
+            e, fe, shared = cfg.moe_experts, cfg.moe_ffn, cfg.moe_shared_experts * cfg.moe_ffn // tp
+            add(f"{p}.mlp.router.weight", e * h, partial=sp)
+            add(f"{p}.mlp.experts.gate_up", e * 2 * fe * h, partial=sp)
+            add(f"{p}.mlp.experts.down", e * h * fe, partial=sp)
+            if shared:  # DeepSeek's shared experts: one tp-split SwiGLU (no biases)
+                add(f"{p}.mlp.shared.fc.weight", 2 * shared * h)
+                add(f"{p}.mlp.shared.proj.weight", h * shared)
+            continue
         fc = 2 * f if cfg.activation == "swiglu" else f
         add(f"{p}.mlp.fc.weight", fc * h)
         if cfg.bias:

@@ -29,3 +29,17 @@ def trident(*args: str, timeout: float = TIMEOUT, check: bool = True) -> subproc
 
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def records(run_dir: Path, key: str) -> list:
+    """Every value of `key` in the run's metrics.jsonl, in order."""
+    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def assert_same_losses(run: Path, ref: Path, what: str, tol: float = 1e-5) -> None:
+    """The training and validation losses of `run` equal the single-process `ref` run's."""
+    for key in ("loss", "val_loss"):
+        got, want = records(run, key), records(ref, key)
+        assert len(got) == len(want) > 0, (what, key, got)
+        for a, b in zip(got, want):
+            assert abs(a - b) <= tol * abs(b), f"{what}: {key} {got} vs {want} in one process"

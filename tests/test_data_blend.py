@@ -136,3 +136,111 @@ def test_blend_of_one_epoch_and_per_split_blends(two_corpora):
         build_gpt_datasets(str(d / "a"), "1", config, (None, None, None), blend_per_split=[None, None, None])
     with pytest.raises(UserError, match="no training data"):
         build_gpt_datasets(None, "1", config, (None, None, None))
+
+
+# --- the vectorised build (trident.data.blend_indices) ------------------------------------------
+
+
+def straightforward_blend(weights, size):
+    """The greedy read off its definition: per sample, numpy's first argmax of w * max(i, 1) - counts."""
+    w = np.asarray(weights, dtype=np.float64)
+    counts = np.zeros(len(w), dtype=np.int64)
+    index, sample = [], []
+    for i in range(size):
+        d = int(np.argmax(w * float(max(i, 1)) - counts))
+        index.append(d)
+        sample.append(int(counts[d]))
+        counts[d] += 1
+    return index, sample
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_blend_is_bit_identical_to_the_loop(seed):
+    from trident.data.blend_indices import blend_indices, sequential_blend_indices
+
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(2, 12))
+    w = rng.random(d) ** 3 + 2e-3  # cubed: uneven, some small
+    if seed == 5:
+        w[1] = 1e-5  # one rare dataset: runs from different starts take ~1/w samples to meet
+    w /= w.sum()
+    size = 30_000
+    want_index, want_sample = sequential_blend_indices(w, size)
+    for segment in (None, 512, 1000) if seed < 5 else (None,):  # many segments: guessed starts repaired
+        index, sample = blend_indices(w, size, segment=segment)
+        assert index.dtype == np.uint8 and sample.dtype == np.int64
+        assert np.array_equal(index, want_index) and np.array_equal(sample, want_sample), segment
+
+
+def test_vectorised_blend_edge_cases_match_the_definition():
+    from trident.data.blend_indices import blend_indices
+
+    for weights, size in [([1.0], 50), ([0.5, 0.5], 7), ([1 / 3] * 3, 300), ([0.9, 0.1], 0), ([0.9, 0.1], 1),
+                          ([0.9, 0.1], 2), (list(np.full(10, 0.1)), 1000)]:
+        index, sample = blend_indices(weights, size, segment=16)
+        want_index, want_sample = straightforward_blend(weights, size)
+        assert index.tolist() == want_index and sample.tolist() == want_sample, (weights, size)
+    index, sample = blend_indices([1.0], 50)
+    assert index.tolist() == [0] * 50 and sample.tolist() == list(range(50))
+    many = np.random.default_rng(3).dirichlet(np.ones(300))  # past 256 datasets: int16
+    index, sample = blend_indices(many, 3000, segment=128)
+    want_index, want_sample = straightforward_blend(many, 3000)
+    assert index.dtype == np.int16 and index.tolist() == want_index and sample.tolist() == want_sample
+    for bad, message in [([0.0, 1.0], "positive"), ([float("nan"), 1.0], "positive"), ([], "empty"),
+                         ([2.0, 2.0], "normalise")]:
+        with pytest.raises(UserError, match=message):
+            blend_indices(bad, 10)
+
+
+def test_ranks_wait_for_the_builder_on_the_store_with_a_timeout():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from trident.data.blend import _StoreWait
+
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=30))
+    builder = _StoreWait(store, "k1", 0.5, True, "blend indices")
+    other = _StoreWait(store, "k1", 0.5, False, "blend indices")
+    builder()
+    other()  # the builder posted "ok": returns at once
+    with pytest.raises(UserError, match="rank 0 did not finish building the blend indices within 0 s"):
+        _StoreWait(store, "k2", 0.2, False, "blend indices")()  # nobody posts: one sentence, no hang
+    _StoreWait(store, "k3", 0.5, True, "blend indices").failed(OSError("disk full"))
+    with pytest.raises(UserError, match="could not build the blend indices .*disk full"):
+        _StoreWait(store, "k3", 0.5, False, "blend indices")()
+
+
+def _blend_on_two_ranks(cache_dir: str) -> list:
+    """Rank 0 builds while rank 1 waits on the store; then rank 0 fails a build."""
+    import torch.distributed as dist
+
+    from trident.data import blend
+
+    rank = dist.get_rank()
+    index, sample = blend.cached_blending_indices([0.6, 0.4], 5000, cache_dir)
+    ok = [int(index.sum()), int(sample.sum())]
+    def broken(weights, size):
+        raise OSError("disk full")
+
+    original = blend.build_blending_indices
+    if rank == 0:
+        blend.build_blending_indices = broken
+    try:
+        blend.cached_blending_indices([0.6, 0.4], 6000, cache_dir)
+        failure = "none"
+    except (UserError, OSError) as err:
+        failure = f"{type(err).__name__}: {err}"
+    finally:
+        blend.build_blending_indices = original  # the worker process serves later tests
+    return [ok, failure]
+
+
+def test_a_failed_builder_ends_the_other_ranks_wait_with_one_sentence(dist_pool, tmp_path):
+    (ok0, fail0), (ok1, fail1) = dist_pool.run(2, "test_data_blend:_blend_on_two_ranks", timeout=120,
+                                               cache_dir=str(tmp_path / "cache"))
+    index, sample = build_blending_indices([0.6, 0.4], 5000)
+    assert ok0 == ok1 == [int(index.sum()), int(sample.sum())]
+    assert fail0 == "OSError: disk full"
+    assert fail1.startswith("UserError: rank 0 could not build the blend indices for 6000 samples") and "disk full" in fail1

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-
 from data_fixtures import *  # noqa: F401,F403
+
 from trident.data.corpus import stdlib_root, stdlib_sources, write_stdlib_corpus
 from trident.data.indexed import IndexedDataset
 from trident.data.preprocess import preprocess
@@ -141,35 +140,99 @@ def test_keyboard_interrupt_leaves_nothing_half_written(tmp_path, sp_model, stdl
     assert os.listdir(tmp_path) == []
 
 
-def test_sigint_to_process_group_with_workers(tmp_path, sp_model):
-    """Ctrl-C in a terminal reaches the parent and its workers; the run must clean up and exit."""
-    fifo = tmp_path / "in.jsonl"
-    os.mkfifo(fifo)  # the run blocks reading it, mid-output, until we decide
-    code = (
-        "import sys\nfrom trident.data.preprocess import preprocess\n"
-        "preprocess([sys.argv[1]], sys.argv[2], sys.argv[3], workers=2, progress=False, chunk_bytes=2000)\n"
-    )
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(fifo), str(out), str(sp_model)],
-                            start_new_session=True, stderr=subprocess.PIPE)
+SIGINT_RUN = """
+import os, signal, sys
+
+MOMENT = os.environ["SIGINT_AT"]
+
+
+def interrupt():  # Ctrl-C in a terminal: SIGINT to every process of the group
+    os.killpg(0, signal.SIGINT)
+
+
+if __name__ == "__mp_main__" and MOMENT == "worker_starting":
+    # in a spawned worker, before its initializer runs: where an unprotected worker dies
     try:
-        with open(fifo, "w") as writer:  # returns once the run has opened its input
-            for i in range(40):
-                writer.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 5}) + "\n")
-            writer.flush()
-            deadline = time.monotonic() + 30
-            while not any(".tmp" in p for p in os.listdir(tmp_path)) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert leftovers(tmp_path), "the run never started writing"
-            time.sleep(0.5)  # let chunks reach the workers
-            os.killpg(proc.pid, signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
+        os.close(os.open(os.environ["SIGINT_ONCE"], os.O_CREAT | os.O_EXCL))
+        interrupt()
+    except FileExistsError:
+        pass
+
+if __name__ == "__main__":
+    import multiprocessing.context
+
+    from trident.data import preprocess as pre
+    from trident.tools.cli import main
+
+    if MOMENT == "worker_exists":  # the first instant a worker process exists
+        start = multiprocessing.context.SpawnProcess.start
+
+        def start_then_interrupt(self):
+            start(self)
+            interrupt()
+
+        multiprocessing.context.SpawnProcess.start = start_then_interrupt
+    if MOMENT == "mid_run":  # workers busy, the first chunk written
+        consume = pre._Consumer.__call__
+
+        def consume_then_interrupt(self, result):
+            consume(self, result)
+            interrupt()
+
+        pre._Consumer.__call__ = consume_then_interrupt
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _group_alive(pgid: int) -> list[str]:
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(str(proc.pid))
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+@pytest.mark.parametrize("moment", ["before_chunk", "worker_exists", "worker_starting", "mid_run"])
+def test_sigint_to_process_group_with_workers(tmp_path, sp_model, moment):
+    """Ctrl-C in a terminal reaches the parent and its workers, at any moment: before the
+    first chunk, the instant a worker exists, inside a starting worker, mid-run. Each moment
+    is reached by the run itself (no sleeps), so the test is deterministic under any load.
+    The run ends with one sentence and exit 130, no output file and no process left."""
+    data = tmp_path / "data"
+    data.mkdir()
+    src = data / "in.jsonl"
+    if moment == "before_chunk":
+        os.mkfifo(src)  # the run blocks reading it: no chunk, no worker yet
+    else:
+        src.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n"
+                               for i in range(3000)))  # ~1.5 MB: several 256 KB chunks
+    script = tmp_path / "run.py"
+    script.write_text(SIGINT_RUN)
+    env = dict(os.environ, SIGINT_AT=moment, SIGINT_ONCE=str(tmp_path / "once"), TQDM_DISABLE="1")
+    cmd = [sys.executable, str(script), "preprocess", "--input", str(src), "--output-prefix", str(data / "out"),
+           "--tokenizer", str(sp_model), "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        if moment == "before_chunk":
+            with open(src, "w"):  # returns once the run has opened its input; held open until it exits
+                os.killpg(proc.pid, signal.SIGINT)
+                out, err = proc.communicate(timeout=120)
+        else:
+            out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode != 0 and b"KeyboardInterrupt" in err
-    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+            out, err = proc.communicate()
+            pytest.fail(f"the run hung after Ctrl-C at {moment}: {err[-4000:]}")
+    assert (proc.returncode, err.strip()) == (130, "trident preprocess: interrupted"), (out, err[-4000:])
+    assert sorted(os.listdir(data)) == ["in.jsonl"]  # nothing half-written
+    assert _group_alive(proc.pid) == []  # every worker and the resource tracker are gone
 
 
 def test_workers_output_identical_to_one_worker(tmp_path, sp_model, stdlib_jsonl):

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import CONFIG, TINY, trident
+from cli_helpers import CONFIG, TINY, assert_same_losses, trident
 
 STEPS = ["train.steps=4", "optim.zero=1"]
 TOL = 1e-4
@@ -24,23 +24,11 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _values(run: Path, key: str) -> list[float]:
-    return [r[key] for r in _records(run) if key in r]
-
-
 @pytest.fixture(scope="module")
 def eager(data_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("compile-ref")
     trident("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, *STEPS, f"data.work_dir={data_dir}")
     return run
-
-
-def _same_losses(run: Path, ref: Path, what: str) -> None:
-    for key in ("loss", "val_loss"):
-        got, want = _values(run, key), _values(ref, key)
-        assert len(got) == len(want) > 0, (what, key, got)
-        for a, b in zip(got, want):
-            assert abs(a - b) <= TOL * abs(b), f"{what}: {key} {got} vs eager {want}"
 
 
 @pytest.mark.parametrize(
@@ -51,7 +39,7 @@ def _same_losses(run: Path, ref: Path, what: str) -> None:
 def test_compiled_run_matches_eager(eager, data_dir, tmp_path, nproc, layout):
     proc = trident("train", "--config", str(CONFIG), "--nproc", str(nproc), *layout, "--run-dir", str(tmp_path),
                    *TINY, *STEPS, "train.compile=true", f"data.work_dir={data_dir}", timeout=600)
-    _same_losses(tmp_path, eager, " ".join(layout))
+    assert_same_losses(tmp_path, eager, " ".join(layout), TOL)
     # the compile step: one line, the first step, its wall time as compile_s and no step time
     notes = [line for line in proc.stdout.splitlines() if "torch.compile:" in line]
     assert len(notes) == 1 and "step 1 took" in notes[0], proc.stdout

@@ -7,17 +7,12 @@ packs several documents per row), 6 steps, validation at step 5.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import CONFIG, TINY, trident
+from cli_helpers import CONFIG, TINY, assert_same_losses, trident
 
 STEPS = ["train.steps=6", "optim.zero=1"]
-
-
-def _records(run: Path, key: str) -> list[float]:
-    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +20,6 @@ def reference(data_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cp-ref")
     trident("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, *STEPS, f"data.work_dir={data_dir}")
     return run
-
-
-def _same(run: Path, ref: Path, what: str) -> None:
-    for key in ("loss", "val_loss"):
-        got, want = _records(run, key), _records(ref, key)
-        assert len(got) == len(want) > 0, (what, key, got)
-        for a, b in zip(got, want):
-            assert abs(a - b) <= 1e-5 * abs(b), f"{what}: {key} {got} vs {want} in one process"
 
 
 @pytest.mark.parametrize(
@@ -45,7 +32,7 @@ def test_cp_trains_like_one_process(reference, data_dir, tmp_path, nproc, layout
     proc = trident("train", "--config", str(CONFIG), "--nproc", str(nproc), *layout, "--run-dir", str(tmp_path),
                    *TINY, *STEPS, f"data.work_dir={data_dir}")
     assert "cp=2" in proc.stdout  # the layout line of the start-of-run summary
-    _same(tmp_path, reference, " ".join(layout))
+    assert_same_losses(tmp_path, reference, " ".join(layout))
 
 
 @pytest.mark.parametrize("first, then", [(["--nproc", "2", "--cp", "2"], []), ([], ["--nproc", "4", "--cp", "2"])],
@@ -56,7 +43,7 @@ def test_checkpoint_moves_between_cp_sizes(reference, data_dir, tmp_path, first,
     trident("train", *first, *common, "train.exit_interval=4")
     proc = trident("train", *then, *common)
     assert "resumed from" in proc.stdout and "resharded" in proc.stdout
-    _same(tmp_path, reference, f"{' '.join(first) or 'cp=1'} to step 4, then {' '.join(then) or 'cp=1'}")
+    assert_same_losses(tmp_path, reference, f"{' '.join(first) or 'cp=1'} to step 4, then {' '.join(then) or 'cp=1'}")
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,12 @@ The tiny config of test_train_cli, 6 steps, a checkpoint every 2.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import CONFIG, TINY, trident
+from cli_helpers import CONFIG, TINY, assert_same_losses, records, trident
 
 STEPS = ["train.steps=6", "checkpoint.interval=2"]
-
-
-def _records(run: Path, key: str) -> list[float]:
-    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 def _train(run: Path, data_dir: Path, *args: str) -> str:
@@ -34,17 +29,9 @@ def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _close(run: Path, ref: Path, what: str) -> None:
-    for key in ("loss", "val_loss"):
-        got, want = _records(run, key), _records(ref, key)
-        assert len(got) == len(want) > 0, (what, key, got)
-        for a, b in zip(got, want):
-            assert abs(a - b) <= 1e-5 * abs(b), f"{what}: {key} {got} vs {want} in one process"
-
-
 def test_zero3_trains_like_one_process(runs):
-    _close(runs["zero3"], runs["ref"], "zero 3 at dp=2")
-    assert _records(runs["zero3"], "param_bytes")[0] < _records(runs["ref"], "param_bytes")[0] / 2 + 4096
+    assert_same_losses(runs["zero3"], runs["ref"], "zero 3 at dp=2")
+    assert records(runs["zero3"], "param_bytes")[0] < records(runs["ref"], "param_bytes")[0] / 2 + 4096
 
 
 @pytest.mark.parametrize(
@@ -56,7 +43,7 @@ def test_zero3_trains_like_one_process(runs):
 )
 def test_zero3_composes_with_tp_pp_and_recompute(runs, data_dir, tmp_path, layout):
     _train(tmp_path, data_dir, *layout, "optim.zero=3")
-    _close(tmp_path, runs["ref"], " ".join(layout))
+    assert_same_losses(tmp_path, runs["ref"], " ".join(layout))
 
 
 @pytest.mark.parametrize(
@@ -68,14 +55,14 @@ def test_zero3_composes_with_tp_pp_and_recompute(runs, data_dir, tmp_path, layou
 def test_checkpoints_move_between_zero3_and_other_stages(runs, data_dir, tmp_path, first, then):
     _train(tmp_path, data_dir, *first, "train.exit_interval=4")
     assert "resumed from" in _train(tmp_path, data_dir, *then)
-    _close(tmp_path, runs["ref"], f"{' '.join(first)} to step 4, then {' '.join(then)}")
+    assert_same_losses(tmp_path, runs["ref"], f"{' '.join(first)} to step 4, then {' '.join(then)}")
 
 
 def test_zero3_resume_at_the_same_layout_is_bitwise(runs, data_dir, tmp_path):
     _train(tmp_path, data_dir, "--nproc", "2", "optim.zero=3", "train.exit_interval=4")
     _train(tmp_path, data_dir, "--nproc", "2", "optim.zero=3")
-    assert _records(tmp_path, "loss") == _records(runs["zero3"], "loss")
-    assert _records(tmp_path, "val_loss") == _records(runs["zero3"], "val_loss")
+    assert records(tmp_path, "loss") == records(runs["zero3"], "loss")
+    assert records(tmp_path, "val_loss") == records(runs["zero3"], "val_loss")
 
 
 def test_export_and_generate_from_a_zero3_checkpoint(runs, tmp_path):

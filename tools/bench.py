@@ -18,6 +18,8 @@ BENCHES: dict[str, str] = {
     "memory": "trident.tools.bench_memory",
     "stage-memory": "trident.tools.bench_stage_memory",
     "cp": "trident.tools.bench_cp",
+    "init": "trident.tools.bench_init",
+    "moe": "trident.tools.bench_moe",
 }
 
 

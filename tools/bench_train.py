@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         trident = json.loads(report.read_text())
     device = torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
-    reference = None if args.no_reference else _measure_alone(cfg, args, _ReferenceStep(cfg, device), device)
+    reference = _reference_step(cfg, device, args)
+    reference = reference and _measure_alone(cfg, args, reference, device)
     hf = _hf_step(cfg, device, args)
     _print(cfg, world, trident, reference, hf and _measure_alone(cfg, args, hf, device), args)
     return 0
@@ -228,6 +229,21 @@ def _share_peak(rows: list[dict]) -> None:
         r["mfu"], r["peak_tflops"], r["peak_source"] = model_flops_utilization(r["tflops"], peak, source)
 
 
+def _reference_step(cfg, device, args):
+    """The plain reference step, or None (with the reason printed) when skipped."""
+    from trident.errors import UserError
+    from trident.model.reference import check_supported
+
+    if args.no_reference:
+        return None
+    try:
+        check_supported(cfg.model)
+    except UserError as err:  # e.g. ALiBi or a mixture of experts: the other rows still run
+        print(f"reference row skipped: {err}", flush=True)
+        return None
+    return _ReferenceStep(cfg, device)
+
+
 def _hf_step(cfg, device, args):
     """The transformers step, or None (with the reason printed) when skipped."""
     from trident.tools.bench_train_hf import hf_step
@@ -249,8 +265,8 @@ def _measure_single(cfg, args) -> tuple[dict, dict | None, dict | None]:
     topo = make_topology(cfg)
     peak = device_peak_tflops(topo.device, cfg.train.dtype, cfg.log.peak_tflops)
     steps = {"trident": _TridentStep(cfg, topo)}
-    if not args.no_reference:
-        steps["reference"] = _ReferenceStep(cfg, topo.device)
+    if (reference := _reference_step(cfg, topo.device, args)) is not None:
+        steps["reference"] = reference
     hf = _hf_step(cfg, topo.device, args)
     if hf is not None:
         steps[hf.name] = hf

@@ -3,8 +3,9 @@
 The same architecture as `transformers.LlamaForCausalLM` (RoPE + RMSNorm + SwiGLU) or
 `GPT2LMHeadModel` (learned positions + LayerNorm + GeLU), chosen and configured by the
 mappings trident's HF export uses (`checkpoint.hf.hf_architecture`, `llama_config`,
-`gpt2_config`), with SDPA attention and `torch.optim.AdamW` at the run's lr, betas, eps
-and weight decay, stepped on the same global batch as the other rows: what a user who
+`gpt2_config`; a mixture of experts is `MixtralForCausalLM`, `mixtral_config`, which adds no
+balancing loss: output_router_logits=False), with SDPA attention and `torch.optim.AdamW` at the
+run's lr, betas, eps and weight decay, stepped on the same global batch as the other rows: what a user who
 picked transformers instead would run.
 """
 
@@ -30,7 +31,7 @@ def hf_step(cfg, device):
 
 
 def hf_model_name(arch: str) -> str:
-    return {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+    return {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM"}[arch]
 
 
 class _HFStep(PlainStep):
@@ -41,14 +42,16 @@ class _HFStep(PlainStep):
 
         from trident.checkpoint.hf_gpt2 import gpt2_config
         from trident.checkpoint.hf_llama import llama_config
+        from trident.checkpoint.hf_mixtral import mixtral_config
 
         self.arch = arch
         self.name = f"transformers {hf_model_name(arch)}"
         m = cfg.model
-        fields = (llama_config if arch == "llama" else gpt2_config)(m)
+        fields = {"llama": llama_config, "gpt2": gpt2_config, "mixtral": mixtral_config}[arch](m)
         fields = {k: v for k, v in fields.items() if k not in ("architectures", "model_type")}
         fields.update(tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std, use_cache=False)
-        config_cls = transformers.LlamaConfig if arch == "llama" else transformers.GPT2Config
+        config_name = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "mixtral": "MixtralConfig"}[arch]
+        config_cls = getattr(transformers, config_name)
         config = config_cls(**fields)
         config._attn_implementation = "sdpa"
         model_cls = getattr(transformers, hf_model_name(arch))

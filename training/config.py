@@ -109,7 +109,13 @@ class ParallelSection:
     vpp: int = 1
     """Virtual stages (model chunks) per pipeline rank; the interleaved schedule needs >= 2."""
     timeout_s: float = 600.0
-    """Collective timeout: a rank waiting longer than this fails instead of hanging."""
+    """Collective timeout: a rank waiting longer than this fails instead of hanging. The
+    backstop for long legitimate waits (a checkpoint save's slowest writer); stalls are
+    the watchdog's (stall_timeout_s)."""
+    stall_timeout_s: float = 120.0
+    """A rank that published no heartbeat, or stayed in one phase of a step, this long
+    ends the job with one sentence naming it (rank, host, step, phase); 0 turns the
+    watchdog off. Must be below timeout_s."""
 
 
 @dataclass
@@ -327,6 +333,12 @@ def validate(cfg: Config) -> Config:
         )
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
         raise UserError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
+    p = cfg.parallel
+    if p.timeout_s <= 0 or p.stall_timeout_s < 0 or (p.stall_timeout_s > 0 and p.stall_timeout_s >= p.timeout_s):
+        raise UserError(
+            f"parallel.stall_timeout_s={p.stall_timeout_s:g} must be 0 (off) or below parallel.timeout_s="
+            f"{p.timeout_s:g} (> 0), so a stalled rank is named before its peers' collectives time out"
+        )
     if cfg.log.timeline_step < 0:
         raise UserError(f"log.timeline_step must be >= 0 (0 = after a warm-up of 2 steps), got {cfg.log.timeline_step}")
     if cfg.data.weights is not None and (cfg.data.prefix is None or len(cfg.data.weights) != len(cfg.data.prefix)):

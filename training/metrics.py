@@ -43,8 +43,9 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token of the whole model."""
-    matmul_params = cfg.num_parameters(include_embedding=False) + cfg.vocab_size * cfg.hidden
+    """Training FLOPs (forward + backward) per token of the whole model (MoE: the active
+    parameters, k of E routed experts plus the shared ones and the router)."""
+    matmul_params = cfg.num_parameters(include_embedding=False, active=True) + cfg.vocab_size * cfg.hidden
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.hidden * seq_len
 
 
@@ -165,12 +166,15 @@ class MetricsWriter:
 
     `start_step` is the step the run continues from (a resumed checkpoint's, else 0):
     records of later steps, written by a run that went further before it stopped, are
-    dropped first, so the file never holds two records of one step (those steps are
-    about to be re-run)."""
+    dropped first (those steps are about to be re-run), and a record of `start_step`
+    itself that the file already holds is not written again (a run resumed at its last
+    step validates once more), so the file never holds two records of one step."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False, start_step: int = 0) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.start_step = start_step
+        self._kept: set[str] = set()  # kinds of record the file already holds for start_step
         if enabled and self.path.exists():
             self._truncate(start_step)
         self.tb = None
@@ -187,6 +191,7 @@ class MetricsWriter:
         """Keep the records up to `start_step` (rewritten whole, then renamed over the file)."""
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and _step_of(line) <= start_step]
+        self._kept = {_kind(json.loads(line)) for line in kept if _step_of(line) == start_step}
         if len(kept) == len(lines):
             return
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -194,7 +199,7 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or (record.get("step") == self.start_step and _kind(record) in self._kept):
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -207,6 +212,11 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _kind(record: dict[str, Any]) -> str:
+    """Which of a step's records this is: its training record or its validation record."""
+    return "val" if "val_loss" in record else "train" if "loss" in record else ",".join(sorted(record))
 
 
 def _step_of(line: str) -> int:

@@ -37,6 +37,7 @@ class TrainSummary:
     stopped_by: str
     run_dir: str
     losses: list[float] = field(default_factory=list)
+    signal: str | None = None  # the signal this process received (SIGTERM, SIGINT), if any
 
 
 class StopSignal:

@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 
 from trident.checkpoint import checkpoint as ckpt
+from trident.checkpoint.resume import choose_checkpoint
 from trident.errors import UserError
-from trident.parallel.collectives import any_rank, comm_device
+from trident.model.moe import moe_step_end, set_moe_loss_scale
+from trident.parallel.collectives import any_rank
 from trident.parallel.pipeline.executor import run_pipeline
 from trident.parallel.pipeline.p2p import activation_shape
 from trident.parallel.pipeline.schedule import bubble_fraction
@@ -50,6 +52,7 @@ from trident.training.run_control import (
     make_topology,
 )
 from trident.training.summary import announce_run
+from trident.training.watchdog import start_watchdog
 
 DEFAULT_RUN_DIR = Path("runs") / "trident"  # where a run writes when no --run-dir is given
 
@@ -85,6 +88,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.saved_step: int | None = None
         self.timeline_due, self.timeline_step = cfg.log.timeline, -1  # -1: chosen at this process's first step
+        self.watchdog = start_watchdog(cfg, self.topo)  # after set-up (rank 0's tokenizer training holds the GIL)
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -92,6 +96,7 @@ class Trainer:
         return self.cfg.checkpoint.interval >= 0
 
     def save(self) -> Path:
+        self.topo.heartbeat.phase("checkpoint save", slow=True)
         state = ckpt.RunState(
             consumed_samples=self.data.train.consumed_samples,
             scheduler=self.schedule.state_dict(),
@@ -111,22 +116,15 @@ class Trainer:
     def resume(self, required: bool) -> bool:
         """Continue from the newest verified checkpoint of the run dir, if there is one.
 
-        Rank 0 verifies checksums (falling back past a corrupt checkpoint) and every rank
-        loads the one it chose, so all ranks resume from the same step.
+        Every rank verifies the checksums of the files it will read (falling back past a
+        corrupt checkpoint together, `choose_checkpoint`), so all resume from the same step.
         """
-        chosen = -1
-        if self.is_logger:
-            found = ckpt.latest_valid(self.ckpt_root)
-            chosen = ckpt.step_of(found) if found is not None else -1
-        if self.topo.world > 1:
-            t = torch.tensor([chosen], dtype=torch.long, device=comm_device(self.topo))
-            dist.broadcast(t, src=0)
-            chosen = int(t.item())
-        if chosen < 0:
+        self.topo.heartbeat.phase("resume from checkpoint", slow=True)
+        path = choose_checkpoint(self.ckpt_root, self.topo, self.model, self.optimizer, log=self.log)
+        if path is None:
             if required:
                 raise UserError(f"--resume was given but {str(self.ckpt_root)!r} holds no complete, verified checkpoint")
             return False
-        path = self.ckpt_root / ckpt.step_dir_name(chosen)
         state = ckpt.read_state(path)
         saved_model = state.config.get("model") or {}
         for key, value in self.cfg.model.to_dict().items():
@@ -184,6 +182,7 @@ class Trainer:
         opt.set_lr(self.schedule.current)
         meter = ActivationMeter(self.model) if measure else None
         timeline = Timeline(topo.pp_rank, topo.rank, topo.device) if self._timeline_now() else None
+        set_moe_loss_scale(self.model, opt.loss_scale / (len(micros) * topo.dp))  # MoE balancing loss: global-batch mean
         with meter if meter is not None else contextlib.nullcontext():
             result = run_pipeline(
                 self.model, topo, micros, act_shape=self.act_shape, loss_divisor=divisor,
@@ -195,6 +194,7 @@ class Trainer:
             self._write_timeline(timeline)
         self.activation_peak = (meter.peak_bytes, meter.source) if meter is not None else None
         lr = self.schedule.current
+        topo.heartbeat.phase("optimizer step")
         try:
             step = opt.step()
         except NonFiniteGradientError:
@@ -206,8 +206,9 @@ class Trainer:
             raise NonFiniteLossError(f"step {self.step + 1}: the loss is {result.loss}; set train.nonfinite=skip to skip")
         if step.stepped:
             self.schedule.advance()
+        moe = moe_step_end(self.model, cfg.model, topo, update_bias=step.stepped)  # {} for a dense model
         return {"loss": result.loss, "lr": lr, "grad_norm": step.grad_norm, "stepped": step.stepped,
-                "loss_scale": step.loss_scale, "clip_coef": step.clip_coef}
+                "loss_scale": step.loss_scale, "clip_coef": step.clip_coef, "moe": moe}
 
     def _timeline_now(self) -> bool:
         """Whether the coming step records the timeline (log.timeline_step; see `recorded_step`).
@@ -232,6 +233,7 @@ class Trainer:
         if self.data.valid is None:
             return None
         self.model.eval()
+        self.topo.heartbeat.phase("validation")
         total, tokens = 0.0, 0.0
         self.data.valid.load_state_dict({"consumed_samples": 0})  # the same samples every time, resumed or not
         it = iter(self.data.valid)
@@ -267,11 +269,13 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
+                self.topo.heartbeat.begin_step(self.step + 1)
                 clock.start()
                 micros = next(it)
                 logged = (self.step + 1) % cfg.log.interval == 0 or self.step + 1 == cfg.train.steps
                 out = self.train_step(micros, measure=logged)
                 self.step += 1
+                self.topo.heartbeat.waiting("after the step (metrics, stop check)")
                 dt = time.perf_counter() - t0
                 compiled = clock.compiled(dt, self.topo)  # a compile step has no step time (compile_clock)
                 if (note := clock.first_report(self.step)) is not None:
@@ -308,7 +312,7 @@ class Trainer:
             f"{time.perf_counter() - start:.1f} s"
         )
         return TrainSummary(steps=self.step, final_loss=final, val_loss=val_loss, stopped_by=stopped_by,
-                            run_dir=str(self.run_dir), losses=losses)
+                            run_dir=str(self.run_dir), losses=losses, signal=stop.received)
 
     def _validate(self, metrics: MetricsWriter) -> float | None:
         val = self.evaluate()
@@ -367,11 +371,13 @@ class Trainer:
         }
         if topo.device.type == "cuda":
             record["max_allocated_bytes"] = torch.cuda.max_memory_allocated(topo.device)
+        record.update(out.get("moe", {}))
         act_bytes, act_source = self.activation_peak or (0, "none")
         record.update(memory_record(rank_memory(self.model, self.optimizer, act_bytes, act_source), topo))
         return record
 
     def close(self) -> None:
+        self.watchdog.stop()
         if launched() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -387,5 +393,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
     try:
         trainer.resume(required=resume)
         return trainer.fit()
+    except Exception:
+        trainer.watchdog.exit_if_reported()  # a peer's stall, already named, explains this error
+        raise
     finally:
         trainer.close()

@@ -179,9 +179,11 @@ def run_pipeline(
         run.note_held()
     run.check_drained()
     if training:
+        topo.heartbeat.waiting("finalize grads (tp, tied-embedding all-reduce)")
         finalize_grads(model, topo)
         if grad_sync is not None:
             grad_sync()
+    topo.heartbeat.waiting("loss broadcast and all-reduce")
     return PipelineResult(
         loss_tensor=_global_loss(run.loss_sum / loss_divisor, topo, reduce_loss_over_dp),
         microbatches=m,

@@ -28,11 +28,14 @@ their own counterpart in the neighbouring stage.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from trident.errors import UserError
 from trident.parallel.context.sharding import check_cp
+from trident.parallel.pipeline.schedule import Exchange
 from trident.parallel.topology import Topology
 
 
@@ -49,6 +52,20 @@ def activation_shape(
             raise UserError(f"sequence length {seq_len} is not divisible by tp={tp} (sequence parallelism)")
         seq_len //= tp
     return (micro_batch_size, seq_len, hidden)
+
+
+class PeerExchange(NamedTuple):
+    """An exchange as a heartbeat phase detail, formatted only when published:
+    'send act 0 to rank 1 + recv grad 0 from rank 1'."""
+
+    action: Exchange
+    prev: int | None
+    next: int | None
+
+    def __str__(self) -> str:
+        peer = {"prev": self.prev, "next": self.next}
+        return " + ".join(f"{t} {'to' if t.op == 'send' else 'from'} rank {peer[t.peer]}"
+                          for t in self.action.transfers) or "wait"
 
 
 class StageComm:

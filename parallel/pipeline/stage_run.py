@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from trident.parallel.pipeline.p2p import StageComm
+from trident.parallel.pipeline.p2p import PeerExchange, StageComm
 from trident.parallel.pipeline.schedule import Exchange, Step
 from trident.parallel.pipeline.timeline import Timeline, span
 from trident.parallel.tensor.weight_grad import WeightGradStore, deferring, split_forward
@@ -104,6 +104,7 @@ class StageRun:
 
     def forward(self, step: Step) -> None:
         key, data = step.key, self.microbatches[step.mb]
+        self.topo.heartbeat.phase("forward mb", step.mb)
         kw = dict(self.model_kw, chunk=step.chunk) if self.vpp > 1 else self.model_kw
         with span(self.timeline, str(step), "forward", step.mb), torch.set_grad_enabled(self.training):
             if self._first(step.chunk):
@@ -129,6 +130,7 @@ class StageRun:
 
     def backward(self, step: Step) -> None:
         key = step.key
+        self.topo.heartbeat.phase("backward mb", step.mb)
         x, out = self.saved.pop(key)
         if self.before_backward is not None:
             self.before_backward(step.mb, key == self.last_backward)
@@ -144,11 +146,13 @@ class StageRun:
 
     def weight(self, step: Step) -> None:
         """The W of a zero-bubble schedule: the weight gradients this (chunk, mb)'s B left."""
+        self.topo.heartbeat.phase("weight gradients mb", step.mb)
         with span(self.timeline, str(step), "weight", step.mb):
             self.weight_work.pop(step.key).run()
 
     def exchange(self, action: Exchange) -> None:
         """Carry out one batch of the plan: at most one transfer of each (op, peer) kind."""
+        self.topo.heartbeat.waiting("p2p", PeerExchange(action, self.comm.prev, self.comm.next))
         with span(self.timeline, str(action), "transfer"):
             kw: dict[str, object] = {}
             recv_key: dict[str, Key] = {}

@@ -8,9 +8,9 @@ vocabulary shard may be followed by padding rows that belong to no global tensor
 That one description serves three jobs:
 
 * initialisation: the full value of every global tensor depends only on the seed and the
-  tensor's global name (a generator seeded from both), and each rank copies its slices,
-  so a model sharded at any tp, split at any pp, is exactly the slices of the
-  single-process model;
+  tensor's global name (a generator seeded from both), and each rank draws only its slices
+  of it (`init_slice`, never the whole tensor), so a model sharded at any tp, split at any
+  pp, is exactly the slices of the single-process model;
 * gathering to full shape (tests, export) and loading from full tensors;
 * checkpoints, which store tensors by global name and slice.
 """
@@ -18,6 +18,8 @@ That one description serves three jobs:
 from __future__ import annotations
 
 import hashlib
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -181,7 +183,9 @@ def name_seed(seed: int, name: str) -> int:
 
 
 def full_init_value(seed: int, name: str, piece: Piece) -> torch.Tensor:
-    """The full fp32 value of global tensor `name`: a function of (seed, name) alone."""
+    """The full fp32 value of global tensor `name`: a function of (seed, name) alone.
+
+    This defines the values; `init_slice` produces a slice of it without the whole."""
     if piece.init == "zeros":
         return torch.zeros(piece.global_shape)
     if piece.init == "ones":
@@ -190,18 +194,134 @@ def full_init_value(seed: int, name: str, piece: Piece) -> torch.Tensor:
     return torch.empty(piece.global_shape).normal_(0.0, piece.std, generator=gen)
 
 
+# --- a slice of a normal_ draw without the whole draw ------------------------------------------
+# torch's CPU ``normal_`` on a contiguous fp32 tensor of n >= 16 elements draws n uniforms in
+# order (one 32-bit word each, as ``uniform_`` does), turns each aligned group of 16 into 16
+# normals (Box-Muller within the group), and when n % 16 != 0 draws 16 more uniforms and
+# recomputes the last 16 elements from them. So element i depends only on the uniforms of its
+# group: a rank can skip the uniforms before its slice (``uniform_``, no log/sin), draw its
+# groups in chunks, stop after its slice (bar the tail), and hold a chunk, not the tensor.
+# `_stream_is_exact` checks this against the whole draw once per process and falls back to
+# whole draws if a torch build behaves otherwise.
+SCRATCH_ELEMENTS = 1 << 22  # fp32 elements of scratch the streamed init holds at once (16 MB)
+scratch_peak = [0]  # the largest scratch tensor it allocated, in elements (read by tests and the bench)
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    scratch_peak[0] = max(scratch_peak[0], numel)
+    return torch.empty(numel)
+
+
+class _NormalStream:
+    """Reads increasing, 16-aligned flat ranges of ``torch.empty(n).normal_(0, std, generator=gen)``."""
+
+    def __init__(self, gen: torch.Generator, n: int, std: float, chunk: int) -> None:
+        self.gen, self.n, self.std, self.chunk = gen, n, std, max(16, chunk // 16 * 16)
+        self.main = n // 16 * 16  # elements the group loop writes; the rest only the tail does
+        self.pos = 0  # uniforms consumed so far
+
+    def _skip(self, count: int) -> None:
+        while count > 0:
+            step = min(count, self.chunk)
+            _scratch(step).uniform_(generator=self.gen)
+            count -= step
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Flat elements [lo, hi) of the draw; ``lo`` at or past the previous ``hi``, 16-aligned
+        unless it is the first read."""
+        out = torch.empty(hi - lo)
+        body = min(hi, self.main)
+        if lo < body:
+            start = lo // 16 * 16
+            assert start >= self.pos, "stream reads must not go back"
+            self._skip(start - self.pos)
+            self.pos = start
+            while self.pos < body:
+                step = min(self.chunk, -(-(body - self.pos) // 16) * 16)
+                values = _scratch(step).normal_(0.0, self.std, generator=self.gen)
+                a, b = max(lo, self.pos), min(body, self.pos + step)
+                out[a - lo : b - lo] = values[a - self.pos : b - self.pos]
+                self.pos += step
+        if self.n % 16 and hi > self.n - 16:  # the recomputed last 16 overwrite the groups' values
+            self._skip(self.n - self.pos)
+            self.pos = self.n
+            last = _scratch(16).normal_(0.0, self.std, generator=self.gen)
+            a = max(lo, self.n - 16)
+            out[a - lo :] = last[a - (self.n - 16) : hi - (self.n - 16)]
+        return out
+
+
+def _streamed_slice(seed: int, name: str, piece: Piece, chunk: int) -> torch.Tensor:
+    """``full_init_value(seed, name, piece).narrow(piece.dim, piece.start, piece.length)``,
+    drawn through `_NormalStream` (a normal piece of at least 16 elements)."""
+    shape = piece.global_shape
+    n = math.prod(shape)
+    row = n // shape[0]  # elements per index of dim 0
+    stream = _NormalStream(torch.Generator().manual_seed(name_seed(seed, name)), n, piece.std, chunk)
+    if piece.dim == 0:  # one flat range; the rows after it are never drawn (bar the tail)
+        flat = stream.read(piece.start * row, (piece.start + piece.length) * row)
+        return flat.view(piece.length, *shape[1:])
+    # Every row holds part of the slice: read whole rows in 16-aligned chunks, keep the slice.
+    group = 16 // math.gcd(row, 16)  # rows per 16-aligned boundary
+    rows = max(group, chunk // max(row, 1) // group * group)
+    bounds = [b for b in range(rows, shape[0], rows) if b * row <= n - 16] + [shape[0]]
+    local = list(shape)
+    local[piece.dim] = piece.length
+    out = torch.empty(local)
+    lo = 0
+    for hi in bounds:
+        block = stream.read(lo * row, hi * row).view(hi - lo, *shape[1:])
+        out[lo:hi] = block.narrow(piece.dim, piece.start, piece.length)
+        lo = hi
+    return out
+
+
+_exact: list[bool] = []
+
+
+def _stream_is_exact() -> bool:
+    """Once per process: streamed slices of a few awkward shapes equal slices of whole draws."""
+    if not _exact:
+        ok = True
+        for shape, dim, start, length in [((37, 53), 0, 11, 13), ((37, 53), 1, 7, 20), ((40, 8), 0, 38, 2), ((5, 7), 1, 0, 7)]:
+            piece = Piece("probe", shape, dim, start, length, 0, std=0.5)
+            want = full_init_value(1, "probe", piece).narrow(dim, start, length)
+            ok = ok and torch.equal(_streamed_slice(1, "probe", piece, chunk=48), want)
+        if not ok:
+            warnings.warn("this torch's CPU normal_ does not split into groups of 16; initialising from whole tensors")
+        _exact.append(ok)
+    return _exact[0]
+
+
+def init_slice(seed: int, name: str, piece: Piece, chunk: int = SCRATCH_ELEMENTS) -> torch.Tensor:
+    """This rank's slice of global tensor `name`, bitwise equal to slicing `full_init_value`,
+    with at most `chunk` scratch elements (plus the slice) in memory: no full tensor."""
+    shape = piece.global_shape
+    local = list(shape)
+    local[piece.dim] = piece.length
+    if piece.init == "zeros":
+        return torch.zeros(local)
+    if piece.init == "ones":
+        return torch.ones(local)
+    if math.prod(shape) <= chunk or not _stream_is_exact():  # small: the whole draw is the cheap way
+        full = full_init_value(seed, name, piece)
+        scratch_peak[0] = max(scratch_peak[0], full.numel())
+        return full.narrow(piece.dim, piece.start, piece.length).clone()
+    return _streamed_slice(seed, name, piece, chunk)
+
+
 @torch.no_grad()
-def init_parameters(module: nn.Module, seed: int) -> None:
+def init_parameters(module: nn.Module, seed: int, chunk: int = SCRATCH_ELEMENTS) -> None:
     """Fill every parameter with its slices of the layout-independent global values.
 
     Padding (local rows that no piece covers) is zeroed. Works on parameters created on
-    any device; values are generated on CPU in fp32 and then copied over.
+    any device; values are generated on CPU in fp32 (one slice, plus `chunk` elements of
+    scratch, at a time) and then copied over.
     """
     for name, param in module.named_parameters():
         param.zero_()
         for piece in pieces_of(param, name.rpartition(".")[2]):
-            gname = global_name(name, piece)
-            value = full_init_value(seed, gname, piece).narrow(piece.dim, piece.start, piece.length)
+            value = init_slice(seed, global_name(name, piece), piece, chunk)
             param.narrow(piece.dim, piece.local_start, piece.length).copy_(value)
 
 

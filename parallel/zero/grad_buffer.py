@@ -287,6 +287,8 @@ class GradBuffer:
         self.start_grad_sync()
         for b in self.buckets:
             if b.work is not None:
+                self.topo.heartbeat.waiting("dp reduce-scatter bucket" if self.zero else "dp all-reduce bucket",
+                                            b.index)
                 b.work.wait()
                 b.work = None
             data = b.grad_data
@@ -336,6 +338,7 @@ class GradBuffer:
             # a separate input: the output buffer aliases my own range
             src = shard.to(self.param_dtype, copy=True)
             works.append(all_gather_single(b.param_data, src, group=self.group, async_op=True))
+        self.topo.heartbeat.waiting("dp all-gather of updated parameters")
         for w in works:
             w.wait()
 

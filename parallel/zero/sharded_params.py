@@ -345,6 +345,7 @@ class ShardedParams:
 
     def _wait(self, kind: str, unit: Unit, work: Any) -> None:
         start = time.perf_counter()
+        self.topo.heartbeat.waiting(f"dp {kind.replace('_', '-')} unit", unit.name)
         work.wait()
         self.events.append((start, f"{kind}_wait", unit.name))
         self.events.append((time.perf_counter(), f"{kind}_waited", unit.name))
