@@ -6,6 +6,8 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step_0000100/``::
                                    consumed samples, config, layout, scheduler, loss scaler,
                                    early-stopping state, sha256 of every file
     model_pp{P}_tp{T}.safetensors  this (pp, tp) position's slices of the global tensors
+    model_pp{P}_tp{T}_ep{E}.safetensors  under expert parallelism, ep rank E's experts (E >= 1;
+                                   ep rank 0's are in the file above)
     optim_rank{R}.safetensors      rank R's optimizer state (fp32 master, exp_avg, exp_avg_sq)
     rng_rank{R}.safetensors        rank R's RNG states (dropout streams, torch default)
     index.json                     which slices / optimizer entries each file holds
@@ -80,7 +82,7 @@ from trident.model.config import ModelConfig
 from trident.model.moe import expert_bias_state, load_expert_bias
 from trident.parallel.collectives import any_rank, comm_device
 from trident.parallel.random import RNGStreams
-from trident.parallel.tensor.sharding import iter_pieces, tp_replicas
+from trident.parallel.tensor.sharding import is_expert, iter_pieces, tp_replicas
 from trident.parallel.topology import Topology
 from trident.parallel.zero.clip import default_exclude
 from trident.parallel.zero.optimizer_state import local_entries
@@ -109,12 +111,15 @@ def _total(n: int, topo: Topology) -> int:
 
 
 # --- saving -----------------------------------------------------------------------------------
-def _model_slices(model: nn.Module, topo: Topology) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The tensors this (pp, tp) position writes, keyed by global name, and their slices."""
+def _model_slices(
+    model: nn.Module, topo: Topology, experts_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors this (pp, tp) position writes, keyed by global name, and their slices
+    (`experts_only`: just this rank's experts, under expert parallelism)."""
     tensors: dict[str, torch.Tensor] = {}
     slices: dict[str, dict] = {}
     for name, param, gname, piece in iter_pieces(model):
-        if default_exclude(name, param) or piece.length == 0:
+        if default_exclude(name, param) or piece.length == 0 or (experts_only and not is_expert(param)):
             continue
         replicas = tp_replicas(piece, topo.tp)
         if topo.tp_rank % replicas != 0:  # another tp rank holds the same values
@@ -184,7 +189,7 @@ def _publish(root: Path, tmp: Path, final: Path, topo: Topology, optimizer: Any,
     """Rank 0, once every rank's files are durable: the index, meta.json, the rename, `latest`
     -- each fsynced before the next step, so `latest` never names a folder a power cut
     could leave incomplete."""
-    layout = Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, world=topo.world, zero=optimizer.cfg.zero)
+    layout = Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, world=topo.world, zero=optimizer.cfg.zero, ep=topo.ep)
     manifests = _collect_manifests(tmp, topo.world)
     files = {name: digest for m in manifests for name, digest in m["files"].items()}
     durable.write_json(tmp / INDEX, build_index(manifests), indent=None)
@@ -237,8 +242,13 @@ def _rank_files(
     if topo.dp_cp_rank == 0:  # one writer per (pp, tp) slice: dp and cp replicas hold the same weights
         tensors, slices = _model_slices(model, topo)
         out[f"model_pp{topo.pp_rank}_tp{topo.tp_rank}.safetensors"] = (tensors, {"slices": json.dumps(slices)})
-    # zero 0 keeps a full replica of the state on every dp rank: store it once
-    if optimizer.cfg.zero > 0 or topo.dp_cp_rank == 0:
+    elif topo.ep > 1 and topo.edp_rank == 0:  # the other ranks of dp rank 0's ep group: their experts
+        tensors, slices = _model_slices(model, topo, experts_only=True)
+        name = f"model_pp{topo.pp_rank}_tp{topo.tp_rank}_ep{topo.ep_rank}.safetensors"
+        out[name] = (tensors, {"slices": json.dumps(slices)})
+    # zero 0 keeps a full replica of the state on every dp rank: store it once (once per ep rank
+    # under expert parallelism, whose experts differ: see `optimizer_state.local_entries`)
+    if optimizer.cfg.zero > 0 or topo.dp_cp_rank == 0 or (topo.ep > 1 and topo.edp_rank == 0):
         opt_state = optimizer.state_dict()
         out[f"optim_rank{topo.rank}.safetensors"] = (opt_state["tensors"], {"meta": json.dumps(opt_state["meta"])})
     rng_tensors = {"torch_cpu": torch.get_rng_state()}

@@ -40,6 +40,7 @@ class Layout:
     dp: int = 1
     world: int = 1
     zero: int = 0
+    ep: int = 1  # expert parallelism (written only when > 1)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class RunState:
             "format": FORMAT,
             "step": self.step,
             "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
-                       "world": self.layout.world, "zero": self.layout.zero},
+                       "world": self.layout.world, "zero": self.layout.zero,
+                       **({"ep": self.layout.ep} if self.layout.ep > 1 else {})},
             "files": dict(self.files),
             "consumed_samples": self.consumed_samples,
             "scheduler": self.scheduler,
@@ -114,7 +116,8 @@ class RunState:
             config=get("config", dict),
             imported_from=get("imported_from", (str, type(None)), optional=True),
             step=get("step", int),
-            layout=Layout(**{k: get.inside(lay, "layout", k, int) for k in ("tp", "pp", "dp", "world", "zero")}),
+            layout=Layout(**{k: get.inside(lay, "layout", k, int) for k in ("tp", "pp", "dp", "world", "zero")},
+                          ep=get.inside(lay, "layout", "ep", int) if "ep" in lay else 1),
             files={name: get.inside(files, "files", name, str) for name in files},
             expert_bias=_expert_bias(get("expert_bias", dict, optional=True) or {}, where),
         )

@@ -160,9 +160,13 @@ class ModelConfig:
         self._validate_moe()
         return self
 
-    def check_tp(self, tp: int) -> "ModelConfig":
-        """Raise one sentence if this model cannot be split over `tp` ranks."""
+    def check_tp(self, tp: int, ep: int = 1) -> "ModelConfig":
+        """Raise one sentence if this model cannot be split over `tp` ranks (and its experts over `ep`)."""
         self.validate()
+        if ep > 1 and (self.moe_experts == 0 or self.moe_experts % ep != 0):
+            what = "has no experts (a dense model)" if self.moe_experts == 0 else f"has {self.moe_experts} experts"
+            raise UserError(f"parallel.ep={ep} needs model.moe_experts divisible by ep, but the model {what}; "
+                            f"choose an ep dividing model.moe_experts, or ep=1")
         if self.n_heads % tp != 0:
             raise UserError(f"model.n_heads={self.n_heads} is not divisible by tp={tp}; choose tp dividing {self.n_heads}")
         if self.ffn % tp != 0:

@@ -176,7 +176,7 @@ class GPT(nn.Module):
         chunks: list[range] | None = None,
     ) -> None:
         super().__init__()
-        cfg.check_tp(topo.tp)
+        cfg.check_tp(topo.tp, topo.ep)
         if recompute not in RECOMPUTE:
             raise UserError(f"recompute is {recompute!r}; valid values are {', '.join(RECOMPUTE)}")
         if topo.cp > 1 and cfg.attention_dropout > 0:

@@ -5,10 +5,12 @@
              --experts--> y_sorted [N, h]    one grouped matmul per projection
              --unpermute-> y [T, h] = sum over the k choices of gate * expert output
 
-Permute and un-permute are the seam where expert parallelism (`trident.parallel.expert`,
-when built) inserts its all-to-all: between them the layer only needs "rows sorted by
-expert, and how many per expert", which is exactly what a dispatch hands to the ranks
-holding those experts.
+Permute and un-permute are the seam where expert parallelism (`trident.parallel.expert`)
+inserts its all-to-all: between them the layer only needs "rows sorted by expert, and how
+many per expert", which is exactly what a dispatch hands to the ranks holding those
+experts. Under ``parallel.ep`` a rank holds E/ep experts (ep rank r: experts r*E/ep ...),
+marked `is_expert` so that their gradients are reduced over the dp/ep ranks that hold the
+same experts; routing, the balancing losses and the shared experts are unchanged.
 
 Experts are SwiGLU MLPs like the dense one, held stacked so that one
 ``torch._grouped_mm`` per projection computes all of them over the sorted rows (where the
@@ -45,7 +47,8 @@ from torch import nn
 from trident.model.config import ModelConfig
 from trident.model.moe_router import Router, Routing
 from trident.parallel.collectives import all_reduce, comm_device
-from trident.parallel.tensor.sharding import Piece, mark_tp_partial_grad, set_pieces
+from trident.parallel.expert import dispatch as expert_dispatch
+from trident.parallel.tensor.sharding import Piece, mark_expert, mark_tp_partial_grad, set_pieces
 from trident.parallel.topology import Topology
 
 
@@ -129,21 +132,24 @@ def _probe(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> b
 class Experts(nn.Module):
     """E SwiGLU experts of inner width f, stacked (see the module doc for the layout)."""
 
-    def __init__(self, cfg: ModelConfig, partial_grad: bool, device, dtype) -> None:
+    def __init__(self, cfg: ModelConfig, partial_grad: bool, device, dtype, ep: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
-        e, h, f = cfg.moe_experts, cfg.hidden, cfg.moe_ffn
+        e, h, f = cfg.moe_experts // ep, cfg.hidden, cfg.moe_ffn  # this rank's experts: first, first + 1, ...
+        first = ep_rank * e
         self.n, self.h, self.f = e, h, f
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.gate_up = nn.Parameter(torch.empty(e * 2 * f, h, device=device, dtype=dtype))
         self.down = nn.Parameter(torch.empty(e * h, f, device=device, dtype=dtype))
-        pieces = [Piece(f"{i}.{kind}.weight", (f, h), 0, 0, f, (2 * i + j) * f, "normal", cfg.init_std, replicas=-1)
-                  for i in range(e) for j, kind in enumerate(("gate", "up"))]
+        pieces = [Piece(f"{first + i}.{kind}.weight", (f, h), 0, 0, f, (2 * i + j) * f, "normal", cfg.init_std,
+                        replicas=-1) for i in range(e) for j, kind in enumerate(("gate", "up"))]
         set_pieces(self.gate_up, pieces)
-        set_pieces(self.down, [Piece(f"{i}.down.weight", (h, f), 0, 0, h, i * h, "normal", out_std, replicas=-1)
-                               for i in range(e)])
-        if partial_grad:
-            mark_tp_partial_grad(self.gate_up)
-            mark_tp_partial_grad(self.down)
+        set_pieces(self.down, [Piece(f"{first + i}.down.weight", (h, f), 0, 0, h, i * h, "normal", out_std,
+                                     replicas=-1) for i in range(e)])
+        for param in (self.gate_up, self.down):
+            if partial_grad:
+                mark_tp_partial_grad(param)
+            if ep > 1:
+                mark_expert(param)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
         # x: [N, h] rows grouped by expert; counts: [E]  ->  [N, h]
@@ -198,7 +204,8 @@ class MoE(nn.Module):
         self.loss_scale = 1.0  # gradient of one microbatch's balancing loss; see `set_moe_loss_scale`
         sp_size = topo.tp if sp else 1
         self.router = Router(cfg, topo.tp_group if sp else None, sp_size, device, dtype)
-        self.experts = Experts(cfg, sp, device, dtype)
+        self.ep, self.ep_rank, self.ep_group = topo.ep, topo.ep_rank, topo.ep_group
+        self.experts = Experts(cfg, sp, device, dtype, topo.ep, topo.ep_rank)
         self.shared = shared
         self.reset_stats()
 
@@ -216,26 +223,33 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [T, h]
         route: Routing = self.router(flat)
         x_sorted, dispatch = permute(flat, route.experts, self.n_experts, self.capacity(flat.shape[0]))  # [N, h]
-        # (expert parallelism: all-to-all x_sorted by dispatch.counts here, and back below)
-        y_sorted = self.experts(x_sorted, dispatch.counts)  # [N, h]
+        sent = 0
+        if self.ep > 1:  # rows to the ranks of their experts, computed there, and back
+            plan = expert_dispatch.plan(dispatch.counts, self.ep_group, self.ep)
+            x_local = expert_dispatch.dispatch(x_sorted, plan, self.ep_group)  # [R, h] my experts' rows
+            y_sorted = expert_dispatch.combine(self.experts(x_local, plan.local_counts), plan, self.ep_group)
+            sent = 2 * plan.bytes_sent(self.ep_rank, x_sorted.shape[1] * x_sorted.element_size())
+        else:
+            y_sorted = self.experts(x_sorted, dispatch.counts)  # [N, h]
         y = unpermute(y_sorted, dispatch, route.gates).view_as(x)  # [b, s(/tp), h]
         if self.shared is not None:
             y = y + self.shared(x)
         if self.training:
-            self._record(route, dispatch, flat.shape[0])
+            self._record(route, dispatch, flat.shape[0], sent)
         if self.training and torch.is_grad_enabled() and (self.aux_coef > 0 or self.z_coef > 0):
             loss = self.aux_coef * route.aux + self.z_coef * route.z  # []
             y = _AddAuxGrad.apply(y, loss, self.loss_scale)
         return y
 
-    def _record(self, route: Routing, dispatch: Dispatch, tokens: int) -> None:
+    def _record(self, route: Routing, dispatch: Dispatch, tokens: int, sent: int) -> None:
         """Add this microbatch to the step's statistics (device tensors: no host sync), once:
         not again when full recomputation reruns the layer inside the backward pass."""
         if torch._C._current_graph_task_id() != -1:
             return
         share = 1.0 / self.tp if self.sp else 1.0  # sp: each tp rank holds 1/tp of a microbatch
         new = {"counts": route.counts, "aux": route.aux.detach().double(), "z": route.z.detach().double(),
-               "dropped": dispatch.dropped, "tokens": float(tokens * self.k), "micro": share}
+               "dropped": dispatch.dropped, "tokens": float(tokens * self.k), "micro": share,
+               "a2a_bytes": float(sent)}
         for key, value in new.items():
             self.stats[key] = self.stats.get(key, 0) + value
 
@@ -257,20 +271,20 @@ def moe_step_end(model: nn.Module, cfg: ModelConfig, topo: Topology, update_bias
     """After a training step: the step's MoE metrics on every rank, and the selection-bias update.
 
     Every rank calls this (it is collective: one all-reduce over dp, one over pp, one over tp
-    under sequence parallelism, each of n_layers x (E + 5) numbers). The expert loads are
+    under sequence parallelism, each of n_layers x (E + 6) numbers). The expert loads are
     summed over the whole global batch before the bias moves, so the bias, like the
     weights, is the same at every layout. Returns {} for a dense model.
     """
     if cfg.moe_experts == 0:
         return {}
     e, mine = cfg.moe_experts, moe_layers(model)
-    table = torch.zeros(cfg.n_layers, e + 5, dtype=torch.float64)  # counts | aux z dropped tokens micro
+    table = torch.zeros(cfg.n_layers, e + 6, dtype=torch.float64)  # counts | aux z dropped tokens micro a2a_bytes
     for layer in mine:
         s = layer.stats
         if s:
             table[layer.layer, :e] = s["counts"].double().cpu()
             table[layer.layer, e:] = torch.tensor([float(s["aux"]), float(s["z"]), float(s["dropped"]),
-                                                   s["tokens"], s["micro"]], dtype=torch.float64)
+                                                   s["tokens"], s["micro"], s["a2a_bytes"]], dtype=torch.float64)
         layer.reset_stats()
     table = table.to(comm_device(topo))
     if getattr(model, "sp", False):  # tp ranks hold different tokens (only this stage's rows are filled yet)
@@ -284,7 +298,11 @@ def moe_step_end(model: nn.Module, cfg: ModelConfig, topo: Topology, update_bias
             load = table[layer.layer, :e]
             bias = layer.router.expert_bias
             bias += (rate * torch.sign(load.mean() - load)).to(bias.device, bias.dtype)
-    return _metrics(cfg, table)
+    out = _metrics(cfg, table)
+    if topo.ep > 1 and out:  # all-to-all bytes sent between ranks, per rank: forward, and as much in backward
+        ranks = topo.dp * topo.pp * (topo.tp if getattr(model, "sp", False) else 1)
+        out["moe_a2a_bytes"] = 2 * float(table[:, e + 5].sum()) / ranks
+    return out
 
 
 def _metrics(cfg: ModelConfig, table: torch.Tensor) -> dict[str, float]:
@@ -296,7 +314,7 @@ def _metrics(cfg: ModelConfig, table: torch.Tensor) -> dict[str, float]:
     aux = z = dropped = tokens = 0.0
     cvs = []
     for i in rows:
-        load, (a, zz, d, t, m) = table[i, :e], table[i, e:].tolist()
+        load, (a, zz, d, t, m, _) = table[i, :e], table[i, e:].tolist()
         aux, z, dropped, tokens = aux + a / m, z + zz / m, dropped + d, tokens + t
         cv = float(load.std(unbiased=False) / load.mean().clamp_min(1e-12))
         cvs.append(cv)

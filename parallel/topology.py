@@ -9,6 +9,13 @@ Rank order is Megatron's: tp fastest, then cp, then dp, then pp, i.e. the grid i
 consecutive ranks, which keeps its heavy all-reduces inside one node, and a
 context-parallel group (the ring attention's K/V traffic) is the next tightest.
 
+Expert parallelism is carved out of the data-parallel ranks, as in Megatron: ``ep``
+divides dp, and the dp group (for cp = 1) is seen as ``[edp, ep]`` with ep fastest, so an
+expert-parallel group (`Topology.ep_group`: the ranks that exchange tokens with
+all-to-all, each holding E/ep experts) is a run of consecutive dp ranks, and the
+expert-data-parallel group (`Topology.edp_group`: the dp/ep ranks holding the same
+experts) reduces, and ZeRO-shards, the expert parameters' gradients.
+
 Context-parallel ranks hold different tokens of the same samples and the same weights,
 so gradients are reduced, and ZeRO shards, over the combined ``dp × cp`` group
 (`Topology.dp_cp_group`, Megatron's data-parallel group "with context parallel"); the
@@ -32,12 +39,14 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @dataclass(frozen=True)
 class Layout:
-    """Sizes of the four parallel dimensions; world = tp * cp * pp * dp."""
+    """Sizes of the four parallel dimensions; world = tp * cp * pp * dp. `ep` (expert
+    parallelism) divides dp and adds no ranks."""
 
     tp: int
     pp: int
     dp: int
     cp: int = 1
+    ep: int = 1
 
     @property
     def world(self) -> int:
@@ -73,6 +82,14 @@ class Layout:
         """The ranks that hold the same weights (same pp and tp coordinates): gradient reduction and ZeRO."""
         return self.grid().permute(0, 3, 1, 2).reshape(-1, self.dp * self.cp).tolist()
 
+    def ep_groups(self) -> list[list[int]]:
+        """Runs of `ep` consecutive dp ranks (same pp, cp, tp): they exchange tokens with all-to-all."""
+        return [g[i : i + self.ep] for g in self.dp_groups() for i in range(0, self.dp, self.ep)]
+
+    def edp_groups(self) -> list[list[int]]:
+        """The dp ranks holding the same experts (same place in their ep group): dp/ep of them."""
+        return [g[i :: self.ep] for g in self.dp_groups() for i in range(self.ep)]
+
     def pp_groups(self) -> list[list[int]]:
         return self.grid().permute(1, 2, 3, 0).reshape(-1, self.pp).tolist()
 
@@ -85,12 +102,12 @@ class Layout:
         return [g[i : i + block] for g in self.tp_groups() for i in range(0, self.tp, block)]
 
 
-def resolve_layout(world: int, tp: int = 1, pp: int = 1, dp: int | None = None, cp: int = 1) -> Layout:
+def resolve_layout(world: int, tp: int = 1, pp: int = 1, dp: int | None = None, cp: int = 1, ep: int = 1) -> Layout:
     """Check the sizes against the world and derive dp; one clear sentence on any mismatch.
 
     Pure arithmetic, so every rank raises the same error before any collective is issued.
     """
-    for name, value in (("world size", world), ("tp", tp), ("pp", pp), ("cp", cp)):
+    for name, value in (("world size", world), ("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
     if dp is not None and (not isinstance(dp, int) or dp < 1):
@@ -110,7 +127,14 @@ def resolve_layout(world: int, tp: int = 1, pp: int = 1, dp: int | None = None, 
             f"dp={dp} disagrees with world size {world} / (tp={tp}{cp_part} * pp={pp}) = {derived}; "
             f"use dp={derived} or leave dp unset"
         )
-    return Layout(tp=tp, pp=pp, dp=derived, cp=cp)
+    if derived % ep != 0:
+        raise UserError(
+            f"ep={ep} does not divide dp={derived}: expert parallelism is carved out of the data-parallel "
+            f"ranks; choose an ep that divides {derived}"
+        )
+    if ep > 1 and cp > 1:
+        raise UserError(f"ep={ep} cannot be combined with cp={cp} yet; set ep=1 or cp=1")
+    return Layout(tp=tp, pp=pp, dp=derived, cp=cp, ep=ep)
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -136,6 +160,10 @@ class Topology:
     # dp x cp: the ranks holding the same weights (the dp group itself when cp = 1)
     dp_cp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
+    # expert parallelism: the token all-to-all (None at ep = 1), and the expert parameters'
+    # data-parallel group (the dp group at ep = 1; None when ep = dp: each holds its own)
+    ep_group: dist.ProcessGroup | None = None
+    edp_group: dist.ProcessGroup | None = None
     embedding_group: dist.ProcessGroup | None = None
     # tp sub-groups by block size: the ranks that share one replicated kv head
     tp_block_groups: dict[int, dist.ProcessGroup | None] = field(default_factory=dict)
@@ -160,6 +188,23 @@ class Topology:
     @property
     def cp(self) -> int:
         return self.layout.cp
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
+    def edp(self) -> int:
+        """Ranks that hold the same experts: the expert parameters' gradient reduction and ZeRO shards."""
+        return self.layout.dp // self.layout.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.layout.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self.dp_rank // self.layout.ep
 
     @property
     def dp_cp(self) -> int:
@@ -242,6 +287,7 @@ class Topology:
         cp: int = 1,
         device: str = "cpu",
         timeout_s: float = 600.0,
+        ep: int = 1,
     ) -> "Topology":
         """Join the job described by torchrun's environment and build every group.
 
@@ -255,7 +301,7 @@ class Topology:
                 f"(or use --nproc N to let it launch local ranks)"
             )
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        layout = resolve_layout(world, tp, pp, dp, cp)
+        layout = resolve_layout(world, tp, pp, dp, cp, ep)
         dev = torch.device(device)
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -283,10 +329,10 @@ class Topology:
     @classmethod
     def from_initialized(
         cls, tp: int = 1, pp: int = 1, dp: int | None = None, device: str = "cpu", timeout_s: float = 600.0,
-        cp: int = 1,
+        cp: int = 1, ep: int = 1,
     ) -> "Topology":
         """Build the groups on an already initialised default process group (tests, notebooks)."""
-        layout = resolve_layout(dist.get_world_size(), tp, pp, dp, cp)
+        layout = resolve_layout(dist.get_world_size(), tp, pp, dp, cp, ep)
         return cls._with_groups(layout, torch.device(device), timeout_s)
 
     @classmethod
@@ -311,6 +357,10 @@ class Topology:
         topo.cp_group = mine(layout.cp_groups()) if layout.cp > 1 else None
         topo.dp_cp_group = mine(layout.dp_cp_groups()) if layout.cp > 1 else topo.dp_group
         topo.pp_group = mine(layout.pp_groups())
+        topo.edp_group = topo.dp_group  # ep = 1: every dp rank holds every expert
+        if layout.ep > 1:
+            topo.ep_group = mine(layout.ep_groups())
+            topo.edp_group = mine(layout.edp_groups()) if layout.ep < layout.dp else None
         # middle pipeline stages (pp >= 3) hold no embedding copy and belong to no such group
         topo.embedding_group = mine(layout.embedding_groups(), required=False)
         for block in range(2, layout.tp):
@@ -322,7 +372,8 @@ class Topology:
         return (
             f"rank {self.rank}/{self.world} (tp {self.tp_rank}/{self.tp}, "
             + (f"cp {self.cp_rank}/{self.cp}, " if self.cp > 1 else "")
-            + f"pp {self.pp_rank}/{self.pp}, dp {self.dp_rank}/{self.dp}) on {self.device}"
+            + f"pp {self.pp_rank}/{self.pp}, dp {self.dp_rank}/{self.dp}"
+            + (f", ep {self.ep_rank}/{self.ep}" if self.ep > 1 else "") + f") on {self.device}"
         )
 
 

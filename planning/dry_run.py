@@ -132,7 +132,7 @@ def dry_run(cfg: Config, world: int, rank: int, config_name: str | None = None) 
     torch.arange(0, 2, dtype=torch.float64, device="meta")
     with fake_world(world, rank):
         start = time.perf_counter()
-        topo = Topology.from_initialized(p.tp, p.pp, derived.dp, device="meta", cp=p.cp)
+        topo = Topology.from_initialized(p.tp, p.pp, derived.dp, device="meta", cp=p.cp, ep=p.ep)
         times["topology_s"] = _lap(start)
         start = time.perf_counter()
         rng = RNGStreams(cfg.train.seed, topo)

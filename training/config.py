@@ -100,6 +100,9 @@ class ParallelSection:
     cp: int = 1
     """Context-parallel size: each sequence is split over cp ranks (ring attention);
     data.seq_len must be a multiple of 2 * cp (load-balanced chunks)."""
+    ep: int = 1
+    """Expert-parallel size (MoE models): each MoE layer's experts are split over ep ranks
+    carved out of dp (ep divides dp and model.moe_experts); tokens reach them by all-to-all."""
     sequence_parallel: bool = False
     """Shard norms, dropout and residuals along the sequence over the tp group."""
     pp_split: list[int] | None = None
@@ -363,8 +366,8 @@ class Derived:
 def derive(cfg: Config, world: int) -> Derived:
     """Check the layout against the world and the batch sizes against the layout."""
     p = cfg.parallel
-    layout = resolve_layout(world, p.tp, p.pp, p.dp, p.cp)
-    cfg.model.check_tp(p.tp)
+    layout = resolve_layout(world, p.tp, p.pp, p.dp, p.cp, p.ep)
+    cfg.model.check_tp(p.tp, p.ep)
     check_cp(cfg.data.seq_len, p.cp)
     if p.cp > 1 and cfg.model.attention_dropout > 0:
         raise UserError(

@@ -73,7 +73,8 @@ def make_topology(cfg: Config) -> Topology:
     if not launched():
         return Topology.single(cfg.train.device)
     p = cfg.parallel
-    return Topology.from_env(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, device=cfg.train.device, timeout_s=p.timeout_s)
+    return Topology.from_env(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, device=cfg.train.device, timeout_s=p.timeout_s,
+                             ep=p.ep)
 
 
 def write_resolved_config(run_dir: Path, cfg: Config, derived: dict[str, Any]) -> str:

@@ -68,6 +68,7 @@ def summary_lines(trainer: Trainer) -> list[str]:
     seq = "on" if p.sequence_parallel else "off"
     rows = [
         ("layout", f"tp={topo.tp} {f'cp={topo.cp} ' if topo.cp > 1 else ''}pp={topo.pp} dp={topo.dp} "
+                   f"{f'ep={topo.ep} ' if topo.ep > 1 else ''}"
                    f"(world {topo.world}), sequence parallel {seq}"),
         ("parameters", f"{total:,} ({human(total)}) total; {local:,} on this rank "
                        f"(rank {topo.rank}: tp rank {topo.tp_rank}, pp stage {topo.pp_rank})"),

@@ -143,7 +143,8 @@ class Trainer:
         ckpt.load_optimizer(path, self.optimizer)
         lay = state.layout
         cp = lay.world // (lay.tp * lay.pp * lay.dp)  # the format has no cp: it is what the world leaves
-        same = (lay.tp, cp, lay.pp, lay.dp) == (self.topo.tp, self.topo.cp, self.topo.pp, self.topo.dp)
+        t = self.topo
+        same = (lay.tp, cp, lay.pp, lay.dp, lay.ep) == (t.tp, t.cp, t.pp, t.dp, t.ep)
         ckpt.load_rng(path, self.topo, self.rng, same_layout=same)
         self.schedule.load_state_dict(state.scheduler)
         self.optimizer.scaler.load_state_dict(state.loss_scaler)
@@ -153,7 +154,8 @@ class Trainer:
         self.step = state.step
         self.resumed_from = path
         self.saved_step = self.step  # nothing new to save until the next step
-        where = "" if same else f" (saved at tp={lay.tp} {f'cp={cp} ' if cp > 1 else ''}pp={lay.pp} dp={lay.dp}, resharded)"
+        ep = f" ep={lay.ep}" if lay.ep > 1 else ""
+        where = "" if same else f" (saved at tp={lay.tp} {f'cp={cp} ' if cp > 1 else ''}pp={lay.pp} dp={lay.dp}{ep}, resharded)"
         self.log(f"resumed from {path} at step {self.step}{where}")
         return True
 
@@ -352,12 +354,7 @@ class Trainer:
         mem = self.optimizer.memory()
         record = {
             "step": self.step,
-            "loss": out["loss"],
-            "lr": out["lr"],
-            "grad_norm": out["grad_norm"],
-            "clip_coef": out["clip_coef"],
-            "stepped": out["stepped"],
-            "loss_scale": out["loss_scale"],
+            **{key: out[key] for key in ("loss", "lr", "grad_norm", "clip_coef", "stepped", "loss_scale")},
             "tokens_per_s": self.derived.tokens_per_step / dt,
             "step_time_s": dt,
             "tflops": achieved,

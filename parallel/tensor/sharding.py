@@ -53,6 +53,19 @@ a bf16/fp16 model never rounds (or overflows) a deferred gradient to the compute
 ZERO3_SHARDED = "zero3_sharded"
 """Held as a ZeRO-3 shard (`trident.parallel.zero.sharded_params`): its gradient is reduced
 (and its deferred sums done) on shards by the sharding code, not by `finalize_grads`."""
+EXPERT = "expert_parallel"
+"""One of this rank's E/ep experts under expert parallelism (`trident.parallel.expert`): held
+by the dp/ep ranks of its expert-data-parallel group only, so its gradient is reduced, and
+ZeRO-sharded, over that group (`Topology.edp_group`), not over dp."""
+
+
+def mark_expert(param: nn.Parameter) -> nn.Parameter:
+    setattr(param, EXPERT, True)
+    return param
+
+
+def is_expert(param: nn.Parameter) -> bool:
+    return getattr(param, EXPERT, False)
 
 
 def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:

@@ -7,7 +7,8 @@ gives the global sum:
 
 * dp: each rank owns one contiguous 1/dp range of every gradient bucket (its ZeRO shard;
   at zero 0, where every rank holds the whole reduced bucket, the same range is used so
-  that nothing is counted dp times);
+  that nothing is counted dp times); an expert bucket is split over its expert-data-
+  parallel group instead, and the ep ranks hold disjoint experts, so each expert counts once;
 * tp: an element that several tp ranks hold identically (a norm weight, a replicated kv
   head) is weighted 1/replicas; padding rows of a vocabulary shard belong to no global
   tensor and weigh 0 (`trident.parallel.tensor.sharding.Piece`);
@@ -90,8 +91,8 @@ class ShardNorm:
         self.ranges: list[tuple[int, int]] = []  # the owned norm range of each bucket
         self.runs: list[list[Run]] = []
         for b in buffer.buckets:
-            share = b.numel // buffer.dp
-            lo, hi = buffer.dp_rank * share, (buffer.dp_rank + 1) * share
+            share = b.numel // b.dp  # b.dp: the bucket's group (dp x cp, or the experts' edp)
+            lo, hi = b.dp_rank * share, (b.dp_rank + 1) * share
             runs: list[Run] = []
             for slot in b.slots:
                 s, e = max(lo, slot.start), min(hi, slot.start + slot.numel)

@@ -40,6 +40,12 @@ finalisation sums that in place, and `finish_grad_sync` reduces their buckets af
 (a reduce-scatter must see the whole, finalised gradient of a tensor). Before, they went
 back to the compute dtype for the last backward and the sums: a bf16 model rounded them,
 an fp16 one could overflow.
+
+Expert parameters (expert parallelism, `trident.parallel.tensor.sharding.is_expert`) are
+held by the dp/ep ranks of their expert-data-parallel group only, so they get buckets of
+their own, reduced and ZeRO-sharded over that group; a bucket carries its group. Each run
+of parameters of one kind is cut into its own bucket, in the same reverse order, so every
+dp rank still has the same sequence of buckets and issues its collectives in one order.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from torch import nn
 
 from trident.errors import UserError
 from trident.parallel.collectives import all_gather_single, group_device, reduce_scatter_single
-from trident.parallel.tensor.sharding import is_pipeline_tied, is_tp_partial, set_main_grad
+from trident.parallel.tensor.sharding import is_expert, is_pipeline_tied, is_tp_partial, set_main_grad
 from trident.parallel.topology import Topology
 
 ALIGN = 16  # elements; each rank's shard of a bucket starts on a 64-byte boundary
@@ -87,6 +93,12 @@ class Bucket:
     launched: bool = False
     work: object = None
     scatter_out: torch.Tensor | None = None
+    # the ranks this bucket is reduced and sharded over: dp x cp, or the expert-data-parallel
+    # group for expert parameters; `dp_rank` is this rank's place in it
+    dp: int = 1
+    dp_rank: int = 0
+    group: dist.ProcessGroup | None = None
+    expert: bool = False
 
 
 def check_same_layout(buckets: list[Bucket], group: dist.ProcessGroup | None, dp: int) -> None:
@@ -151,6 +163,9 @@ class GradBuffer:
         for is_deferred, params in zip((False, True), groups):
             current: list[tuple[str, nn.Parameter]] = []
             for n, p in params:
+                if current and is_expert(p) != is_expert(current[0][1]):  # a bucket reduces over one group
+                    self._make_bucket(current, is_deferred)
+                    current = []
                 current.append((n, p))
                 if sum(q.numel() for _, q in current) >= bucket_size:
                     self._make_bucket(current, is_deferred)
@@ -170,7 +185,11 @@ class GradBuffer:
     def _make_bucket(self, params: list[tuple[str, nn.Parameter]], is_deferred: bool) -> None:
         index = len(self.buckets)
         used = sum(p.numel() for _, p in params)
-        multiple = self.dp * ALIGN
+        expert = is_expert(params[0][1])
+        dp, dp_rank, group = (
+            (self.topo.edp, self.topo.edp_rank, self.topo.edp_group) if expert else (self.dp, self.dp_rank, self.group)
+        )
+        multiple = dp * ALIGN
         numel = -(-used // multiple) * multiple
         param_data = torch.zeros(numel, dtype=self.param_dtype, device=self.device)
         slots, offset = [], 0
@@ -188,15 +207,19 @@ class GradBuffer:
         if self.zero == 0:
             start, end = 0, numel
         else:
-            shard = numel // self.dp
-            start, end = self.dp_rank * shard, (self.dp_rank + 1) * shard
-        bucket = Bucket(index, slots, numel, used, is_deferred, param_data, start, end)
+            shard = numel // dp
+            start, end = dp_rank * shard, (dp_rank + 1) * shard
+        bucket = Bucket(index, slots, numel, used, is_deferred, param_data, start, end,
+                        dp=dp, dp_rank=dp_rank, group=group, expert=expert)
         if self.zero < 2:
             bucket.grad_data = torch.zeros(numel, dtype=torch.float32, device=self.device)
         self.buckets.append(bucket)
 
     def _check_same_layout(self) -> None:
         check_same_layout(self.buckets, self.group, self.dp)
+        experts = [b for b in self.buckets if b.expert]
+        if experts:
+            check_same_layout(experts, experts[0].group, experts[0].dp)
 
     def owned_params(self, b: Bucket) -> torch.Tensor:
         """This rank's owned range of bucket `b`'s parameters (the fp32 master of an fp32 model)."""
@@ -249,12 +272,12 @@ class GradBuffer:
 
     def _launch(self, b: Bucket) -> None:
         data = self._grad_data(b)
-        if self.dp > 1:
+        if b.dp > 1:
             if self.zero == 0:
-                b.work = dist.all_reduce(data, group=self.group, async_op=True)
+                b.work = dist.all_reduce(data, group=b.group, async_op=True)
             else:
                 b.scatter_out = torch.empty(b.shard_end - b.shard_start, dtype=torch.float32, device=self.device)
-                b.work = reduce_scatter_single(b.scatter_out, data, group=self.group, async_op=True)
+                b.work = reduce_scatter_single(b.scatter_out, data, group=b.group, async_op=True)
         b.launched = True
         self._next_launch = b.index + 1
 
@@ -331,13 +354,13 @@ class GradBuffer:
         """
         works = []
         for b, shard in zip(self.buckets, shards):
-            if self.zero == 0 or self.dp == 1:
+            if self.zero == 0 or b.dp == 1:
                 if shard.data_ptr() != b.param_data.data_ptr():
                     b.param_data.copy_(shard)
                 continue
             # a separate input: the output buffer aliases my own range
             src = shard.to(self.param_dtype, copy=True)
-            works.append(all_gather_single(b.param_data, src, group=self.group, async_op=True))
+            works.append(all_gather_single(b.param_data, src, group=b.group, async_op=True))
         self.topo.heartbeat.waiting("dp all-gather of updated parameters")
         for w in works:
             w.wait()

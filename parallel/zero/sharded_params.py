@@ -117,7 +117,8 @@ class ShardedParams:
         used = sum(p.numel() for _, p in params)
         numel = -(-used // (self.dp * ALIGN)) * (self.dp * ALIGN)
         flat = torch.zeros(numel, dtype=self.param_dtype, device=self.device)
-        unit = Unit(len(self.buckets), [], numel, used, False, None, 0, numel, name=name)
+        unit = Unit(len(self.buckets), [], numel, used, False, None, 0, numel, dp=self.dp, dp_rank=self.dp_rank,
+                    group=self.group, name=name)
         offset = 0
         for pname, p in params:
             flat[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
