@@ -217,3 +217,42 @@ def test_bench_zero_prints_zero3_rows():
     assert abs(float(rows[(2, 3)][2]) * 2 - float(rows[(1, 3)][2])) <= 0.01, out  # params MiB: half at dp=2
     assert float(rows[(2, 3)][3]) > float(rows[(2, 3)][2]), out  # the gathered units on top
     assert rows[(2, 3)][-1].endswith("%") and rows[(2, 1)][-1] == "-", out
+
+
+def test_a_freed_unit_holds_no_memory_where_autograd_saved_its_weights():
+    """After a unit's forward its gathered parameters are freed even though autograd saved
+    views of them for backward (a linear's transposed weight): the shared storage shrinks to
+    0 bytes and is gathered back in place for the backward, whose gradients stay those of
+    ZeRO-1 (the version counter of the refilled buffer is left alone)."""
+    import torch
+
+    from trident.model.stage import build_stage
+    from trident.parallel.topology import Topology
+    from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
+
+    cfg, data = config(), global_batch(config(), 0)
+    grads = {}
+    for zero in (1, 3):
+        model = build_stage(cfg, Topology.single())
+        model.init_weights(0)
+        opt = DistributedOptimizer(model, Topology.single(), OptimizerConfig(zero=zero))
+        opt.zero_grad()
+        weights = []  # saved tensors that are views of a gathered unit, as they were saved
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if zero == 3 and opt.buffer.holds(t):
+                weights.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(data["tokens"], labels=data["labels"]).mean()
+        if zero == 3:
+            assert len(weights) >= 2 * cfg.n_layers  # the blocks' linears saved their weights
+            # saved parameters now show their one-element NaN placeholder; saved views of the
+            # gathered buffer (weight.t()) share its storage, shrunk to 0 bytes
+            held = [t.untyped_storage().nbytes() for t in weights]
+            assert all(n <= 4 for n in held) and held.count(0) >= cfg.n_layers, held
+        loss.backward()
+        opt.grad_sync()
+        grads[zero] = torch.cat([b.main_grad for b in opt.buffer.buckets if b.main_grad is not None]).norm()
+    assert torch.allclose(grads[3], grads[1], rtol=1e-5, atol=0), (grads[3].item(), grads[1].item())

@@ -138,20 +138,30 @@ class ShardedParams:
             if slot.deferred and lo < hi:
                 unit.tp_partial.append((lo - unit.shard_start, hi - unit.shard_start))
             mark_zero3_sharded(slot.param)
+        unit.param_data = torch.empty(numel, dtype=self.param_dtype, device=self.device)  # kept; storage resized
         self.buckets.append(unit)
         self.units[name] = unit
         self._free(unit)
 
     # --- gathering and freeing --------------------------------------------------------------
     def _start_gather(self, unit: Unit) -> None:
-        """Issue the unit's all-gather (asynchronously) unless it is gathered or on its way."""
+        """Issue the unit's all-gather (asynchronously) unless it is gathered or on its way.
+
+        It lands in the unit's one persistent buffer, whose storage `_free` shrank to nothing:
+        autograd's saved views of the weights (a linear's ``weight.t()``) share that storage, so
+        they hold no memory between a unit's forward and its backward and read the values
+        gathered back in place (FSDP's storage resize). The write must not bump the buffer's
+        version counter, or those saved views would count as modified in place."""
         if unit.gathered or unit.gather_work is not None:
             return
-        unit.param_data = torch.empty(unit.numel, dtype=self.param_dtype, device=self.device)
-        if self.dp == 1:
-            unit.param_data.copy_(unit.shard)
-            return
-        unit.gather_work = all_gather_single(unit.param_data, unit.shard, group=self.group, async_op=True)
+        storage = unit.param_data.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(unit.numel * unit.param_data.element_size())
+        with torch.autograd._unsafe_preserve_version_counter(unit.param_data):
+            if self.dp == 1:
+                unit.param_data.copy_(unit.shard)
+                return
+            unit.gather_work = all_gather_single(unit.param_data, unit.shard, group=self.group, async_op=True)
         self._note("all_gather", unit, unit.gather_work)
 
     def _gather(self, unit: Unit) -> None:
@@ -167,7 +177,8 @@ class ShardedParams:
         unit.gathered = True
 
     def _free(self, unit: Unit) -> None:
-        """Drop the gathered parameters; each keeps its shape over one NaN element, so a use
+        """Drop the gathered parameters: the buffer's storage shrinks to 0 bytes (saved views
+        of it included), and each parameter keeps its shape over one NaN element, so a use
         outside its unit shows as NaN instead of silently reading stale values."""
         if unit.gather_work is not None:  # a prefetch nobody used: finish it before dropping its buffer
             self._wait("all_gather", unit, unit.gather_work)
@@ -175,7 +186,8 @@ class ShardedParams:
         nan = torch.full((1,), float("nan"), dtype=self.param_dtype, device=self.device)
         for slot in unit.slots:
             slot.param.data = nan.expand(slot.param.shape)
-        unit.param_data, unit.gathered = None, False
+        unit.param_data.untyped_storage().resize_(0)
+        unit.gathered = False
 
     def _advance(self, phase: str, name: str) -> Unit | None:
         """Note that unit `name` runs now (in `phase`); return the unit expected to run next,
@@ -336,8 +348,8 @@ class ShardedParams:
     def holds(self, t: torch.Tensor) -> bool:
         """Is `t` (a tensor autograd saves) a view of gathered parameters? The activation
         meter asks: a gathered weight saved for backward is not an activation."""
-        ptr = t.untyped_storage().data_ptr()
-        return any(u.param_data is not None and u.param_data.untyped_storage().data_ptr() == ptr for u in self.buckets)
+        storage = t.untyped_storage()
+        return any(u.gathered and u.param_data.untyped_storage().data_ptr() == storage.data_ptr() for u in self.buckets)
 
     def _note(self, kind: str, unit: Unit, work: Any) -> None:
         """Record an issued collective (gloo's works have no future to say when one completes:
