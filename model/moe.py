@@ -228,7 +228,7 @@ class MoE(nn.Module):
             plan = expert_dispatch.plan(dispatch.counts, self.ep_group, self.ep)
             x_local = expert_dispatch.dispatch(x_sorted, plan, self.ep_group)  # [R, h] my experts' rows
             y_sorted = expert_dispatch.combine(self.experts(x_local, plan.local_counts), plan, self.ep_group)
-            sent = 2 * plan.bytes_sent(self.ep_rank, x_sorted.shape[1] * x_sorted.element_size())
+            sent = plan.bytes_sent(self.ep_rank, x_sorted.shape[1] * x_sorted.element_size())
         else:
             y_sorted = self.experts(x_sorted, dispatch.counts)  # [N, h]
         y = unpermute(y_sorted, dispatch, route.gates).view_as(x)  # [b, s(/tp), h]

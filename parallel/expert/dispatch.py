@@ -44,8 +44,9 @@ class Route:
     local_counts: torch.Tensor  # [El] rows per local expert, over every source
 
     def bytes_sent(self, me: int, row_bytes: int) -> int:
-        """Bytes this rank sends to other ranks in one dispatch (the combine sends as many back)."""
-        return (sum(self.send) - self.send[me]) * row_bytes
+        """Bytes this rank sends to other ranks in the dispatch and the combine together (the
+        combine returns what the dispatch brought in); their backward sends exactly as much."""
+        return (sum(self.send) - self.send[me] + sum(self.recv) - self.recv[me]) * row_bytes
 
 
 def plan(counts: torch.Tensor, group: Group, ep: int) -> Route:
