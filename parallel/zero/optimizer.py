@@ -175,9 +175,6 @@ class DistributedOptimizer:
         self.cfg = (config or OptimizerConfig()).validate()
         self.precision = (precision or MixedPrecisionConfig()).validate()
         self.topo = topo
-        if self.cfg.zero == 3 and topo.ep > 1:
-            raise UserError(f"optim.zero=3 cannot be combined with expert parallelism (ep={topo.ep}) yet; "
-                            f"use optim.zero 0, 1 or 2 with ep > 1, or ep=1")
         if self.cfg.zero == 3:  # parameters sharded too, gathered per unit of the model
             self.buffer: GradBuffer | ShardedParams = ShardedParams(
                 model, topo, self.cfg.zero3_reshard_after_forward, prefetch=self.cfg.overlap_grad_reduce

@@ -33,6 +33,10 @@ Here no full gradient survives its unit's backward; as the sums are linear, the 
 shards are summed instead at the end of the step (over tp, over the embedding group), which
 gives the same result because every rank of those groups has the same unit layout.
 
+Expert parallelism: a block's experts are a unit of their own (`experts_of`), sharded over
+the dp/ep ranks that hold the same experts instead of dp, gathered and freed with their
+block; each reduces its gradients over its own group.
+
 The buckets the optimizer, the norm and the state files see are the units, with the same
 fields as `GradBuffer`'s buckets, so ZeRO-3 changes nothing downstream: masters, Adam
 moments and the checkpoint format stay per owned range.
@@ -50,8 +54,9 @@ from torch import nn
 
 from trident.errors import UserError
 from trident.parallel.collectives import all_gather_single, all_reduce_coalesced, reduce_scatter_single
-from trident.parallel.tensor.sharding import is_pipeline_tied, is_tp_partial, mark_zero3_sharded
+from trident.parallel.tensor.sharding import is_expert, is_pipeline_tied, is_tp_partial, mark_zero3_sharded
 from trident.parallel.topology import Topology
+from trident.parallel.zero import unit_stats
 from trident.parallel.zero.grad_buffer import ALIGN, Bucket, Slot, check_same_layout
 
 IN_FLIGHT = 2  # reduce-scatters outstanding before the oldest is waited for
@@ -89,15 +94,21 @@ class ShardedParams:
         self.device = next(iter(named.values())).device
         self.buckets: list[Unit] = []
         self.units: dict[str, Unit] = {}
+        self.experts_of: dict[str, Unit] = {}  # a block's experts under expert parallelism: a unit of their own
         self.slots: dict[int, Slot] = {}
         for name, names in model.parameter_units().items():
             params = [(n, named[n]) for n in names if n in named]
-            if params:
-                self._make_unit(name, params)
+            dense, experts = [q for q in params if not is_expert(q[1])], [q for q in params if is_expert(q[1])]
+            if dense:
+                self._make_unit(name, dense, self.dp, self.dp_rank, self.group)
+            if experts:  # held by the dp/ep ranks of this rank's expert-data-parallel group: sharded over them
+                self.experts_of[name] = self._make_unit(f"{name}.experts", experts, topo.edp, topo.edp_rank,
+                                                        topo.edp_group)
         missing = sorted(set(named) - {s.name for s in self.slots.values()})
         if missing:
             raise UserError(f"parameters {missing} belong to no unit of the model; ZeRO-3 cannot shard them")
-        check_same_layout(self.buckets, self.group, self.dp)
+        check_same_layout([u for u in self.buckets if not u.expert], self.group, self.dp)
+        check_same_layout([u for u in self.buckets if u.expert], topo.edp_group, topo.edp)
         self.order: list[str] = []  # units in the order the first forward ran them
         # what ran after what: (unit before, unit) -> the unit that came next, in forward and
         # in backward, learned as they run; a tied embedding runs twice per forward, so the
@@ -111,14 +122,14 @@ class ShardedParams:
         model.unit_hooks = self
 
     # --- construction -----------------------------------------------------------------------
-    def _make_unit(self, name: str, params: list[tuple[str, nn.Parameter]]) -> None:
+    def _make_unit(self, name: str, params: list[tuple[str, nn.Parameter]], dp: int, dp_rank: int, group) -> Unit:
         """Copy the unit's parameters into a padded flat buffer, keep this rank's shard of it,
         and leave the parameters as storage-less placeholders until they are gathered."""
         used = sum(p.numel() for _, p in params)
-        numel = -(-used // (self.dp * ALIGN)) * (self.dp * ALIGN)
+        numel = -(-used // (dp * ALIGN)) * (dp * ALIGN)
         flat = torch.zeros(numel, dtype=self.param_dtype, device=self.device)
-        unit = Unit(len(self.buckets), [], numel, used, False, None, 0, numel, dp=self.dp, dp_rank=self.dp_rank,
-                    group=self.group, name=name)
+        unit = Unit(len(self.buckets), [], numel, used, False, None, 0, numel, dp=dp, dp_rank=dp_rank, group=group,
+                    expert=is_expert(params[0][1]), name=name)
         offset = 0
         for pname, p in params:
             flat[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
@@ -126,8 +137,8 @@ class ShardedParams:
             unit.slots.append(slot)
             self.slots[id(p)] = slot
             offset += p.numel()
-        share = numel // self.dp
-        unit.shard_start, unit.shard_end = self.dp_rank * share, (self.dp_rank + 1) * share
+        share = numel // dp
+        unit.shard_start, unit.shard_end = dp_rank * share, (dp_rank + 1) * share
         unit.shard = flat[unit.shard_start : unit.shard_end].clone()
         unit.main_grad = torch.zeros(share, dtype=torch.float32, device=self.device)
         unit.tied = any(is_pipeline_tied(p) for _, p in params)
@@ -142,6 +153,7 @@ class ShardedParams:
         self.buckets.append(unit)
         self.units[name] = unit
         self._free(unit)
+        return unit
 
     # --- gathering and freeing --------------------------------------------------------------
     def _start_gather(self, unit: Unit) -> None:
@@ -158,10 +170,10 @@ class ShardedParams:
         if storage.nbytes() == 0:
             storage.resize_(unit.numel * unit.param_data.element_size())
         with torch.autograd._unsafe_preserve_version_counter(unit.param_data):
-            if self.dp == 1:
+            if unit.dp == 1:
                 unit.param_data.copy_(unit.shard)
                 return
-            unit.gather_work = all_gather_single(unit.param_data, unit.shard, group=self.group, async_op=True)
+            unit.gather_work = all_gather_single(unit.param_data, unit.shard, group=unit.group, async_op=True)
         self._note("all_gather", unit, unit.gather_work)
 
     def _gather(self, unit: Unit) -> None:
@@ -208,26 +220,34 @@ class ShardedParams:
             return fn(*args)
         if name not in self.order:
             self.order.append(name)
-        self._gather(unit)
+        for u in self._with_experts(unit):
+            self._gather(u)
         ahead = self._advance("forward", name)
-        if ahead is not None:
-            self._start_gather(ahead)
+        for u in self._with_experts(ahead):
+            self._start_gather(u)
         self.events.append((time.perf_counter(), "forward", name))
         out = fn(*args)
         self.events.append((time.perf_counter(), "forward_end", name))
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(lambda grad, name=name: self._before_backward(name))
         if self.reshard_after_forward:
-            self._free(unit)
+            for u in self._with_experts(unit):
+                self._free(u)
         return out
+
+    def _with_experts(self, unit: Unit | None) -> list[Unit]:
+        """A unit and, under expert parallelism, its experts' unit: gathered and freed together."""
+        if unit is None:
+            return []
+        return [unit, self.experts_of[unit.name]] if unit.name in self.experts_of else [unit]
 
     def _before_backward(self, name: str) -> None:
         """The unit's backward is next: gather it again and prefetch the one after."""
         self.events.append((time.perf_counter(), "backward", name))
-        self._gather(self.units[name])
-        behind = self._advance("backward", name)
-        if behind is not None:
-            self._start_gather(behind)
+        for u in self._with_experts(self.units[name]):
+            self._gather(u)
+        for u in self._with_experts(self._advance("backward", name)):
+            self._start_gather(u)
 
     # --- gradients ------------------------------------------------------------------------------
     def _grad_hook(self, slot: Slot) -> Callable[[torch.Tensor], None]:
@@ -258,11 +278,11 @@ class ShardedParams:
         unit.ready.clear()
         if data is None:
             return
-        if self.dp == 1:
+        if unit.dp == 1:
             unit.main_grad.add_(data)
             return
         out = torch.empty(unit.shard_end - unit.shard_start, dtype=torch.float32, device=self.device)
-        work = reduce_scatter_single(out, data, group=self.group, async_op=True)
+        work = reduce_scatter_single(out, data, group=unit.group, async_op=True)
         self._note("reduce_scatter", unit, work)
         self.pending.append((unit, work, out, data))
         while len(self.pending) > self.in_flight:
@@ -364,28 +384,12 @@ class ShardedParams:
         self.events.append((time.perf_counter(), f"{kind}_waited", unit.name))
 
     def exposed_wait_s(self) -> float:
-        """Seconds this step waited for its collectives (the communication not hidden
-        behind compute), from the recorded timeline."""
-        starts = [t for t, what, _ in self.events if what.endswith("_wait")]
-        ends = [t for t, what, _ in self.events if what.endswith("_waited")]
-        return sum(e - s for s, e in zip(starts, ends))
+        """Seconds this step waited for its collectives (the communication not hidden)."""
+        return unit_stats.exposed_wait_s(self.events)
 
     def memory(self) -> dict[str, int]:
-        """Per-rank bytes: persistent parameter and gradient shards, and what a step adds at
-        most (the largest unit gathered, twice with prefetch; its fp32 gradient while the
-        reduce-scatters are in flight)."""
-        numel = sum(u.numel for u in self.buckets)
-        used = sum(u.used for u in self.buckets)
-        shard = sum(u.shard_end - u.shard_start for u in self.buckets)
-        largest = max(u.numel for u in self.buckets)
-        elem = torch.empty((), dtype=self.param_dtype).element_size()
-        return {
-            "numel": used, "padded_numel": numel, "padding": numel - used, "shard_numel": shard,
-            "buckets": len(self.buckets), "param_bytes": shard * elem,
-            "param_peak_bytes": (shard + (largest * (2 if self.prefetch and self.dp > 1 else 1)
-                                          if self.reshard_after_forward else numel)) * elem,
-            "grad_bytes": shard * 4, "grad_peak_bytes": shard * 4 + largest * 4 * (1 + self.in_flight),
-        }
+        """Per-rank bytes of the shards and a step's peak (`unit_stats.memory`)."""
+        return unit_stats.memory(self)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
