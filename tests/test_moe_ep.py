@@ -57,13 +57,14 @@ def test_each_ep_rank_holds_its_share_of_the_experts_by_global_name():
 
 
 # --- layouts (4 gloo ranks) ----------------------------------------------------------------------
-# (tp, pp, ep, sequence parallel, config); dp = 4 / (tp * pp) and ep divides it
+# (tp, pp, ep, sequence parallel, config, schedule); dp = 4 / (tp * pp) and ep divides it
 CASES = [
-    (1, 1, 4, False, dict(moe_router="softmax")),
-    (1, 1, 2, False, dict(moe_router="sigmoid", moe_shared_experts=1, moe_bias_update_rate=0.01)),
-    (2, 1, 2, False, dict(moe_router="softmax", moe_shared_experts=1)),
-    (2, 1, 2, True, dict(moe_router="sigmoid", moe_bias_update_rate=0.01)),
-    (1, 2, 2, False, dict(moe_router="softmax", moe_layer_freq=2, moe_z_loss_coef=1e-3)),
+    (1, 1, 4, False, dict(moe_router="softmax"), {}),
+    (1, 1, 2, False, dict(moe_router="sigmoid", moe_shared_experts=1, moe_bias_update_rate=0.01), {}),
+    (2, 1, 2, False, dict(moe_router="softmax", moe_shared_experts=1), {}),
+    (2, 1, 2, True, dict(moe_router="sigmoid", moe_bias_update_rate=0.01), {}),
+    (1, 2, 2, False, dict(moe_router="softmax", moe_layer_freq=2, moe_z_loss_coef=1e-3), {}),
+    (1, 2, 2, False, dict(moe_router="softmax", n_layers=4), {"schedule": "interleaved", "vpp": 2}),
 ]
 M, MBS, SEQ = 2, 2, 16
 
@@ -80,14 +81,14 @@ def _layouts_match_one_process() -> list[str]:
     from trident.parallel.tensor.sharding import global_shapes, is_expert
 
     checked = []
-    for tp, pp, ep, sp, kw in CASES:
+    for tp, pp, ep, sp, kw, sched in CASES:
         topo = Topology.from_initialized(tp=tp, pp=pp, ep=ep)
         dp = topo.dp
         cfg = dataclasses.replace(_cfg(), **kw)
         data = batch(cfg, seed=5, b=dp * M * MBS, s=SEQ)
         if dist.get_rank() == 0:  # the single-process reference: the whole global batch, dp x M microbatches
             ref_loss, ref_grads, ref_metrics, ref_bias = _step(cfg, data, micro=dp * M)
-        model = build_stage(cfg, topo, sequence_parallel=sp)
+        model = build_stage(cfg, topo, sequence_parallel=sp, vpp=sched.get("vpp", 1))
         model.init_weights(0)
         set_moe_loss_scale(model, 1.0 / (M * dp))
         first = topo.dp_rank * M * MBS
@@ -98,9 +99,9 @@ def _layouts_match_one_process() -> list[str]:
                 all_reduce(p.grad, topo.edp_group if is_expert(p) else topo.dp_group)
 
         res = run_pipeline(model, topo, micro, act_shape=activation_shape(MBS, SEQ, cfg.hidden, tp, sp),
-                           loss_divisor=data["tokens"].numel(), grad_sync=grad_sync)
+                           loss_divisor=data["tokens"].numel(), grad_sync=grad_sync, **sched)
         metrics = moe_step_end(model, cfg, topo)
-        where = f"tp={tp} pp={pp} ep={ep} dp={dp} sp={sp} {kw}"
+        where = f"tp={tp} pp={pp} ep={ep} dp={dp} sp={sp} {kw} {sched}"
         grads = gather_checked(model, dist.group.WORLD, grads=True, names=global_shapes(GPT(cfg, Topology.single(),
                                                                                              device="meta")))
         saved = expert_bias_state(model, cfg, topo)
