@@ -64,13 +64,13 @@ class DryRunReport:
     config: str | None
     world: int
     rank: int
-    layout: dict[str, int]  # tp, cp, pp, dp
-    coords: dict[str, int]  # this rank's tp, cp, pp, dp ranks
+    layout: dict[str, int]  # tp, cp, pp, dp, ep
+    coords: dict[str, int]  # this rank's tp, cp, pp, dp, ep ranks
     dtype: str
     zero: int
     layers: list[int]  # the transformer layers this rank's stage holds
     buckets: int  # gradient buckets (ZeRO-3: units)
-    shard_numel: int  # elements of them this rank owns (optimizer state)
+    shard_numel: int  # elements of them this rank owns (optimizer state; expert buckets 1/(dp/ep) of each)
     built: dict[str, int]  # `DistributedOptimizer.memory()`, the COMPARED keys it has
     planned: dict[str, int]  # `trident plan`'s `StateBytes` for this rank's stage, same keys
     times: dict[str, float]  # seconds: topology_s, model_s, optimizer_s (and index_s with data)
@@ -115,7 +115,7 @@ def fake_world(world: int, rank: int) -> Iterator[None]:
 
 
 def dry_run(cfg: Config, world: int, rank: int, config_name: str | None = None) -> DryRunReport:
-    """Build rank `rank` of a `world`-rank job from `cfg` (parallel.tp/cp/pp; dp derived).
+    """Build rank `rank` of a `world`-rank job from `cfg` (parallel.tp/cp/pp/ep; dp derived).
 
     Every check a real start makes runs first and raises one sentence: the layout against
     the world, the batch against the layout, the rank against the world.
@@ -153,8 +153,8 @@ def dry_run(cfg: Config, world: int, rank: int, config_name: str | None = None) 
         notes.append("no data.prefix: data indices not built (give data.prefix=[...] and data.tokenizer=...)")
     return DryRunReport(
         config=config_name, world=world, rank=rank,
-        layout={"tp": topo.tp, "cp": topo.cp, "pp": topo.pp, "dp": topo.dp},
-        coords={"tp": topo.tp_rank, "cp": topo.cp_rank, "pp": topo.pp_rank, "dp": topo.dp_rank},
+        layout={"tp": topo.tp, "cp": topo.cp, "pp": topo.pp, "dp": topo.dp, "ep": topo.ep},
+        coords={"tp": topo.tp_rank, "cp": topo.cp_rank, "pp": topo.pp_rank, "dp": topo.dp_rank, "ep": topo.ep_rank},
         dtype=cfg.train.dtype, zero=cfg.optim.zero, layers=plan.stages[topo.pp_rank].layers,
         buckets=int(memory["buckets"]), shard_numel=int(memory["shard_numel"]),
         built=built, planned={k: int(state[k]) for k in built}, times=times, checkpoint_files=files,
@@ -213,6 +213,7 @@ def checkpoint_files(topo: Topology, optimizer: DistributedOptimizer, rng: RNGSt
 # --- the report -------------------------------------------------------------------------------
 def _coords(r: DryRunReport) -> str:
     order = ("tp", "cp", "pp", "dp") if r.layout["cp"] > 1 else ("tp", "pp", "dp")
+    order += ("ep",) if r.layout["ep"] > 1 else ()
     return ", ".join(f"{k} {r.coords[k]}/{r.layout[k]}" for k in order)
 
 
@@ -234,12 +235,13 @@ ROWS = {
 def format_report(r: DryRunReport) -> str:
     """The report as a table a person reads."""
     shards = r.layout["dp"] * r.layout["cp"]
+    experts = f", experts' 1/{shards // r.layout['ep']}" if r.layout["ep"] > 1 else ""
     lines = [
         f"trident dry run: {r.config or 'defaults'} as rank {r.rank} of {r.world} ({_coords(r)}), "
         f"{r.dtype}, ZeRO-{r.zero}, meta device",
         f"stage {r.coords['pp']}: {_layers(r.layers)}; {r.buckets} gradient {'units' if r.zero == 3 else 'buckets'}, "
         f"this rank owns {r.shard_numel:,} elements of them "
-        f"({'all' if r.zero == 0 else f'1/{shards} of each'})",
+        f"({'all' if r.zero == 0 else f'1/{shards} of each{experts}'})",
         "",
         f"{'per rank':<24}{'built':>18}{'trident plan':>18}",
     ]

@@ -38,6 +38,7 @@ class Settings:
     overlap_grad_reduce: bool = True
     zero3_reshard_after_forward: bool = True  # ZeRO-3: free gathered units after each forward
     cp: int = 1  # context-parallel size: each cp rank holds seq_len/cp tokens of every sample
+    ep: int = 1  # expert-parallel size: E/ep experts per MoE layer on a rank, carved out of dp
 
     @property
     def world(self) -> int:
@@ -48,6 +49,12 @@ class Settings:
         """The ranks that hold the same weights: gradients are reduced, and ZeRO shards,
         over dp·cp (cp ranks see other tokens of the same samples)."""
         return self.dp * self.cp
+
+    @property
+    def edp(self) -> int:
+        """The ranks holding the same experts (ep > 1): expert gradients are reduced, and
+        ZeRO shards, over dp/ep (cp is 1 under expert parallelism)."""
+        return self.dp // self.ep
 
     @property
     def local_seq(self) -> int:

@@ -15,6 +15,15 @@ here, that can be read and changed without touching the memory accounting:
   sum between first and last stage, and cp (ring attention's point-to-point blocks,
   `ring_bytes_per_layer`). Ring algorithms: an all-reduce of n bytes over g ranks sends
   2 (g-1)/g n per rank, an all-gather or reduce-scatter (g-1)/g n.
+* Expert parallelism (ep > 1): the expert buckets are reduced (and gathered) over the
+  dp/ep ranks holding the same experts, the others over dp (both in "dp"); and per MoE
+  layer and microbatch the tokens' all-to-all (`a2a_bytes_per_layer`): a rank sends its
+  T·k routed rows' remote share, (ep-1)/ep under uniform routing, to their experts and
+  receives as many back in the combine, and the same again in backward (a third time
+  when full recomputation reruns the layer). The all-to-all waits on the layer's compute
+  and the layer on it, so its time is exposed, on NVLink when the ep group (tp·ep
+  consecutive ranks) lies in one node. Not counted: the [E] row-count exchange before
+  each dispatch.
 * Context parallelism: a rank computes seq_len/cp tokens of each sample, every one of
   them still attending to the whole (causal) sequence, so all its FLOPs, attention's
   included, fall by cp; Megatron's load-balanced chunks make every cp rank's share
@@ -109,6 +118,23 @@ def _tp_bytes_per_microbatch(model: ModelConfig, st: Settings, stage: StagePlan)
     return total, calls
 
 
+def a2a_bytes_per_layer(model: ModelConfig, st: Settings) -> float:
+    """Bytes one rank sends in the all-to-alls of one MoE layer and microbatch (ep > 1):
+    dispatch and combine, forward and backward (and the forward again under full
+    recomputation), each T·k·(ep-1)/ep rows of h elements under uniform routing; T is
+    this rank's tokens of the microbatch (its sequence shard under sp)."""
+    if st.ep == 1:
+        return 0.0
+    tokens = st.micro_batch_size * (st.local_seq // st.tp if st.sp else st.local_seq)
+    rows = tokens * model.moe_top_k * (st.ep - 1) / st.ep
+    passes = 3 if st.recompute == "full" else 2
+    return passes * 2 * rows * model.hidden * DTYPE_BYTES[st.dtype]
+
+
+def _moe_layers(model: ModelConfig, stage: StagePlan) -> int:
+    return sum(model.is_moe_layer(i) for i in stage.layers)
+
+
 def _boundary_bytes(model: ModelConfig, st: Settings) -> float:
     """Bytes of the activation one microbatch sends between pipeline stages."""
     seq = st.local_seq // st.tp if st.sp else st.local_seq
@@ -116,7 +142,8 @@ def _boundary_bytes(model: ModelConfig, st: Settings) -> float:
 
 
 def comm_bytes(model: ModelConfig, st: Settings, stages: list[StagePlan]) -> dict[str, float]:
-    """Bytes the busiest rank sends per step, by group: tp, pp, dp (and the tied embedding)."""
+    """Bytes the busiest rank sends per step, by group: tp, pp, dp (and the tied embedding,
+    cp's ring, ep's all-to-all)."""
     m, e = st.microbatches, DTYPE_BYTES[st.dtype]
     out: dict[str, float] = {}
     out["tp"] = max(_tp_bytes_per_microbatch(model, st, s)[0] for s in stages) * m
@@ -126,18 +153,22 @@ def comm_bytes(model: ModelConfig, st: Settings, stages: list[StagePlan]) -> dic
     out["pp"] = (2 * st.vpp - (1 if st.pp == 2 else 0)) * m * act if st.pp > 1 else 0.0
     dp = 0.0
     for s in stages:
-        grads = s.state.padded_numel * 4
-        if st.zero == 0:
-            b = _ring("all_reduce", grads, st.dp_cp)
-        elif st.zero == 3:  # per microbatch: a reduce-scatter, and gathers for forward and backward
-            gathers = 2 * m if st.zero3_reshard_after_forward else 1
-            b = m * _ring("reduce_scatter", grads, st.dp_cp) + gathers * _ring("all_gather", s.state.padded_numel * e, st.dp_cp)
-        else:
-            b = _ring("reduce_scatter", grads, st.dp_cp) + _ring("all_gather", s.state.padded_numel * e, st.dp_cp)
+        experts = s.state.expert_padded_numel  # over dp/ep (ep > 1), the rest over dp·cp
+        b = 0.0
+        for numel, group in ((s.state.padded_numel - experts, st.dp_cp), (experts, st.edp)):
+            if st.zero == 0:
+                b += _ring("all_reduce", numel * 4, group)
+            elif st.zero == 3:  # per microbatch: a reduce-scatter, and gathers for forward and backward
+                gathers = 2 * m if st.zero3_reshard_after_forward else 1
+                b += m * _ring("reduce_scatter", numel * 4, group) + gathers * _ring("all_gather", numel * e, group)
+            else:
+                b += _ring("reduce_scatter", numel * 4, group) + _ring("all_gather", numel * e, group)
         dp = max(dp, b)
-    out["dp"] = dp  # over dp·cp
+    out["dp"] = dp  # over dp·cp (expert buckets over dp/ep)
     if st.cp > 1:
         out["cp"] = max(len(s.layers) for s in stages) * m * sum(ring_bytes_per_layer(model, st))
+    if st.ep > 1:
+        out["ep"] = max(_moe_layers(model, s) for s in stages) * m * a2a_bytes_per_layer(model, st)
     if model.tie_embeddings and st.pp > 1:
         vocab = padded_vocab_size(model.vocab_size, model.vocab_pad_multiple, st.tp) // st.tp
         out["embedding"] = _ring("all_reduce", vocab * model.hidden * e, 2)
@@ -196,7 +227,8 @@ def _bandwidth(device: Device, group_span: int) -> float:
 def step_time(
     model: ModelConfig, st: Settings, device: Device, stages: list[StagePlan], comm: dict[str, float]
 ) -> tuple[float, dict[str, float]]:
-    """Predicted seconds per step, and its parts: pipeline, bubble, dp_exposed, optimizer."""
+    """Predicted seconds per step, and its parts: pipeline, bubble, dp_exposed, optimizer
+    (and the ring's and the all-to-all's share of the pipeline)."""
     peak = device.peak_tflops(st.dtype) * 1e12 * device.matmul_efficiency
     hbm = device.hbm_gbps * 1e9
     e = DTYPE_BYTES[st.dtype]
@@ -205,7 +237,7 @@ def step_time(
     tp_bw = _bandwidth(device, st.tp)
     dp_bw = _bandwidth(device, st.tp * st.cp * st.dp)
     pp_bw = _bandwidth(device, st.world)
-    slot = compute = forward = weight = ring = ring_exposed = 0.0
+    slot = compute = forward = weight = ring = ring_exposed = a2a = 0.0
     for s in stages:
         flops = _stage_flops_per_microbatch(model, st, s)
         # weights read in forward and twice in backward, fp32 gradients accumulated, the
@@ -215,12 +247,13 @@ def step_time(
         work = max(flops / peak, traffic / hbm)
         tp_b, tp_calls = _tp_bytes_per_microbatch(model, st, s)
         ring_s, ring_exposed_s = ring_time(model, st, device, len(s.layers))
-        link = tp_b / tp_bw + tp_calls * lat + ring_exposed_s
+        a2a_s = _moe_layers(model, s) * a2a_time_per_layer(model, st, device)
+        link = tp_b / tp_bw + tp_calls * lat + ring_exposed_s + a2a_s
         if st.pp > 1:  # an activation and a gradient per chunk
             act = _boundary_bytes(model, st)
             link += 2 * st.vpp * (act / pp_bw + lat)
         if work + link > slot:
-            slot, compute, ring, ring_exposed = work + link, work, ring_s, ring_exposed_s
+            slot, compute, ring, ring_exposed, a2a = work + link, work, ring_s, ring_exposed_s, a2a_s
             # the slot's shares by FLOPs: forward, and the weight-gradient matmuls (ZB-H1's W)
             fwd, w = _forward_and_weight_flops(model, st)
             forward, weight = slot * fwd, slot * w
@@ -231,8 +264,19 @@ def step_time(
     optimizer = max((s.optimizer_bytes + s.state.grad_bytes) * 2 / hbm for s in stages)
     total = pipeline + dp_time + optimizer
     parts = {"pipeline": pipeline, "bubble": pipeline - m * slot, "dp_exposed": dp_time, "optimizer": optimizer,
-             "ring": m * ring, "ring_exposed": m * ring_exposed}  # cp: the slowest stage's, per step
+             "ring": m * ring, "ring_exposed": m * ring_exposed,  # cp: the slowest stage's, per step
+             "all_to_all": m * a2a}  # ep: the slowest stage's, per step (exposed)
     return total, parts
+
+
+def a2a_time_per_layer(model: ModelConfig, st: Settings, device: Device) -> float:
+    """Seconds of one MoE layer's all-to-alls per microbatch (ep > 1), all exposed: its bytes
+    (`a2a_bytes_per_layer`) over the ep group's link, and a latency per call (forward: the
+    row-count exchange, dispatch, combine; backward: two; full recomputation: three again)."""
+    if st.ep == 1:
+        return 0.0
+    calls = 8 if st.recompute == "full" else 5
+    return a2a_bytes_per_layer(model, st) / _bandwidth(device, st.tp * st.ep) + calls * device.latency_us * 1e-6
 
 
 def _forward_and_weight_flops(model: ModelConfig, st: Settings) -> tuple[float, float]:

@@ -40,6 +40,11 @@ Nothing here allocates a model; the persistent state (parameters, gradients, opt
   tensors: `trident.planning.plan_pipeline.ring_buffer_bytes` adds them to the peak.
   Bucket padding and ZeRO's shards span dp·cp (`state_bytes` is given dp·cp).
 
+  MoE blocks (`ModelConfig.is_moe_layer`) keep their MLP's tensors (`moe_bytes`), dense
+  blocks a dense MLP's, each priced as what it is when ``model.moe_layer_freq`` mixes them.
+  Under expert parallelism (`Shapes.ep`) a rank's experts compute the rows its ep group
+  routed to them: planned at their mean under uniform routing (see `moe_bytes`).
+
 Not counted (as the meter does not count them): temporaries that live within one op,
 gradients in flight during backward, communication buffers, and the tensors the pipeline
 executor and the ring attention hold in transit (`plan_pipeline.pipeline_buffer_bytes`,
@@ -70,6 +75,7 @@ class Shapes:
     device: str  # "cuda" or "cpu"
     doc_masking: bool  # packed documents (no mask: causal attention per document; ALiBi's mask is per row)
     cp: int = 1  # context parallelism: this rank holds seq/cp tokens of each sample
+    ep: int = 1  # expert parallelism: this rank's experts are E/ep of each MoE layer's
 
     @property
     def e(self) -> int:
@@ -190,14 +196,17 @@ def shared_bytes(x: Shapes, recompute: str) -> int:
     return total
 
 
-def layer_bytes(x: Shapes, recompute: str = "none") -> dict[str, int]:
-    """One layer's saved tensors of one microbatch, by part (shared tables excluded)."""
+def layer_bytes(x: Shapes, recompute: str = "none", moe: bool | None = None) -> dict[str, int]:
+    """One layer's saved tensors of one microbatch, by part (shared tables excluded): an
+    MoE block's when `moe` (default: whether the model has experts), else a dense one's."""
     c, b, s, sr, h, e, f = x.cfg, x.b, x.s, x.sr, x.cfg.hidden, x.e, x.f
     if recompute == "full":
         return {"block_input": e * b * sr * h}
     parts: dict[str, int] = {}
     parts["norms"] = 2 * _norm_bytes(x, b * sr, h)
-    parts["linear_inputs"] = 2 * e * b * sr * h  # qkv and MLP inputs (under sp the shard: re-gathered in backward)
+    # qkv and MLP inputs (under sp the shard: re-gathered in backward)
+    moe = c.moe_experts > 0 if moe is None else moe
+    parts["linear_inputs"] = e * b * sr * h + mlp_input_bytes(x, moe)
     qkv = e * b * s * (x.heads + 2 * x.kv) * c.head_dim
     if recompute == "selective":
         parts["qkv"] = qkv
@@ -206,7 +215,7 @@ def layer_bytes(x: Shapes, recompute: str = "none") -> dict[str, int]:
         parts["attention_core"] = attention_core_bytes(x)
         if qkv_view_saved(x):
             parts["qkv"] = qkv
-    if c.moe_experts > 0:  # every block planned as an MoE block (an upper bound when dense ones are mixed in)
+    if moe:
         parts["mlp"] = moe_bytes(x)
     else:
         fc = 2 * f if c.activation == "swiglu" else f
@@ -216,6 +225,14 @@ def layer_bytes(x: Shapes, recompute: str = "none") -> dict[str, int]:
     return parts
 
 
+def mlp_input_bytes(x: Shapes, moe: bool) -> int:
+    """The MLP's input, when a block keeps it: a dense MLP's first linear does; in an MoE
+    block the shared experts' first linear, or in fp32 the router's matmul (in bf16/fp16
+    the router keeps its fp32 copy instead, counted in `moe_bytes`, and nothing the input)."""
+    kept = not moe or x.e == 4 or x.cfg.moe_shared_experts > 0
+    return x.e * x.b * x.sr * x.cfg.hidden if kept else 0
+
+
 def moe_bytes(x: Shapes) -> int:
     """An MoE block's MLP (`trident.model.moe`) for one microbatch, beyond its input. For the
     T·k routed rows (T = this rank's tokens, the sequence shard under sp): the expert-sorted
@@ -223,11 +240,21 @@ def moe_bytes(x: Shapes) -> int:
     the scatter back) and its scattered copy (kept by the gate weighting). The router's fp32
     logits, probabilities and per-token sums, the gates (raw, normalised), the int64 choices
     and permutation indices, and in bf16/fp16 fp32 copies of the input and the router
-    weight. A shared expert keeps its first linear's output, as a dense MLP."""
+    weight, an fp32 [E] vector and the grouped matmul's int32 offsets [E]. A shared
+    expert keeps its first linear's output, as a dense MLP.
+
+    Expert parallelism (ep > 1): the rows this rank's E/ep experts compute are the ones
+    its ep group routed to them, received by all-to-all; their count varies with the
+    routing and is planned as its mean under uniform routing, N = T·k (the group's
+    received rows sum to its sent ones). Per row they keep what they keep at ep = 1, the
+    expert input being the received rows regrouped by expert (neither the received
+    buffer nor the expert-sorted input is saved: the all-to-all and the regroup's
+    index_select keep no inputs), plus the regroup's two int64 permutations; the offsets
+    cover E/ep experts."""
     c, e, h, f, k, n = x.cfg, x.e, x.cfg.hidden, x.cfg.moe_ffn, x.cfg.moe_top_k, x.cfg.moe_experts
     t = x.b * x.sr
-    routed = e * t * k * (3 * h + 4 * f)
-    router = 4 * t * (2 * n + k + 2) + (4 if e == 4 else e) * t * k + 24 * t * k + 8 * n
+    routed = e * t * k * (3 * h + 4 * f) + (2 * 8 * t * k if x.ep > 1 else 0)
+    router = 4 * t * (2 * n + k + 2) + (4 if e == 4 else e) * t * k + 24 * t * k + 4 * n + 4 * (n // x.ep)
     if e != 4:
         router += 4 * t * h + 4 * n * h
     shared = e * x.b * x.s * 2 * (c.moe_shared_experts * f // x.tp)

@@ -6,8 +6,9 @@ and (zero-bubble) W steps on (chunk, microbatch) pairs. Rather than a formula pe
 schedule, the planner walks that list, so a new schedule brings its own memory:
 
 * An F adds what the microbatch keeps through that chunk (`ChunkBytes.full`). Chunks
-  differ: the layers of each (``stage_layers(n_layers, pp·vpp)``), the embedding on
-  virtual stage 0, the final norm, head and loss on the last.
+  differ: the layers of each (``stage_layers(n_layers, pp·vpp)``; MoE and dense blocks
+  each priced as what they are), the embedding on virtual stage 0, the final norm, head
+  and loss on the last.
 * A B releases it. While it runs, the microbatch may briefly hold more: recomputation
   rebuilds the layer (full) or the attention core (selective) the backward is in, after
   what the backward already passed has been freed (`ChunkBytes.backward`).
@@ -17,7 +18,8 @@ schedule, the planner walks that list, so a new schedule brings its own memory:
   until the W runs (the row linears' output gradients as sequence shards under sequence
   parallelism: the W re-gathers them). That share can exceed a whole microbatch's saved
   tensors: the output gradients are new memory. The head never defers its W (it would
-  keep a logits-sized gradient).
+  keep a logits-sized gradient), nor do an MoE block's router and experts (only its
+  shared experts and its attention are tensor-parallel linears).
 
 The peak is the largest sum of what is held at any point, plus the backward's transient.
 1F1B: ``(k - 1)·A + peak(one microbatch)`` with k = min(pp - r, m); GPipe with k = m;
@@ -51,50 +53,84 @@ from trident.planning.plan_memory import (
     embedding_bytes,
     head_bytes,
     layer_bytes,
+    mlp_input_bytes,
     shared_bytes,
 )
 
 
 # --- one microbatch through one chunk ---------------------------------------------------------
-def _grads(x: Shapes) -> dict[str, int]:
+def _mlp_width(x: Shapes, moe: bool) -> int:
+    """Output width of the first tensor-parallel MLP linear on this rank: the dense MLP's,
+    or in an MoE block its shared experts' (0 without: its router and experts are not
+    tensor-parallel linears and compute their weight gradients in B)."""
+    c = x.cfg
+    if moe:
+        return 2 * (c.moe_shared_experts * c.moe_ffn // x.tp)
+    return 2 * x.f if c.activation == "swiglu" else x.f
+
+
+def _grads(x: Shapes, moe: bool = False) -> dict[str, int]:
     """The output gradients a split B keeps per layer, in the compute dtype: the column
     linears' [b, s, out/tp], the row linears' [b, s(/tp), h] (under sp the gradient arrives
     gathered and only this rank's sequence shard is kept, `lean_linear._kept_output_grad`)."""
     c, b, s, sr, h, e = x.cfg, x.b, x.s, x.sr, x.cfg.hidden, x.e
-    fc = 2 * x.f if c.activation == "swiglu" else x.f
-    return {"mlp_proj": e * b * sr * h, "fc": e * b * s * fc, "proj": e * b * sr * h,
+    fc = _mlp_width(x, moe)
+    return {"mlp_proj": e * b * sr * h if fc else 0, "fc": e * b * s * fc, "proj": e * b * sr * h,
             "qkv": e * b * s * (x.heads + 2 * x.kv) * c.head_dim}
 
 
-def weight_pending_layer_bytes(x: Shapes) -> int:
+def weight_pending_layer_bytes(x: Shapes, moe: bool = False) -> int:
     """What one layer of a microbatch keeps between its B and its W when the backward is
     split (ZB-H1, `trident.parallel.tensor.weight_grad`): each tensor-parallel linear's
     closure holds the input its forward saved and the gradient of its output. Inputs: the
     qkv's and the MLP's first linear's (the local sequence shard under sp), the attention
     output (the projection's), the first MLP linear's output before the activation (the
-    second's). Everything else of the layer is freed by the B."""
+    second's); an MoE block's MLP linears are its shared experts' (none without).
+    Everything else of the layer is freed by the B."""
     c, b, s, sr, h, e = x.cfg, x.b, x.s, x.sr, x.cfg.hidden, x.e
-    fc = 2 * x.f if c.activation == "swiglu" else x.f
-    return e * b * (2 * sr * h + s * x.heads * c.head_dim + s * fc) + sum(_grads(x).values())
+    fc = _mlp_width(x, moe)
+    mlp_input = sr * h if fc else 0  # the shared experts' linear keeps it (an MoE block without them: nothing)
+    return e * b * (sr * h + mlp_input + s * x.heads * c.head_dim + s * fc) + sum(_grads(x, moe).values())
 
 
-def _split_layer_events(x: Shapes, recompute: str) -> list[int]:
+def _split_layer_events(x: Shapes, recompute: str, moe: bool = False) -> list[int]:
     """The changes in held bytes, in order, as a split B passes one (pre-norm) layer: each
-    linear's output gradient joins its closure, each node's other saved tensors go."""
-    none = layer_bytes(x, "none")
-    g = _grads(x)
+    linear's output gradient joins its closure, each node's other saved tensors go (an
+    MoE block's routed part, and its input unless shared experts keep it, with its B)."""
+    none = layer_bytes(x, "none", moe)
+    g = _grads(x, moe)
     norm, mask = none["norms"] // 2, none.get("dropout_masks", 0) // 2
     out = x.e * x.b * x.s * x.heads * x.cfg.head_dim  # the attention output: the projection's input, kept
     core = -(none["attention_core"] - out) - none.get("qkv", 0)
     if recompute == "selective":  # the core is rebuilt, then freed with the qkv the checkpoint kept
         rebuilt = attention_core_bytes(x) - (out if x.output_copied else 0)
-        core = [rebuilt, -rebuilt - layer_bytes(x, "selective")["qkv"]]
-    events = [-mask, g["mlp_proj"], g["fc"], -norm, -mask, g["proj"], *([core] if isinstance(core, int) else core),
-              g["qkv"], -norm]
+        core = [rebuilt, -rebuilt - layer_bytes(x, "selective", moe)["qkv"]]
+    mlp = [g["mlp_proj"], g["fc"]]
+    if moe:  # all but the shared experts' first output ([b, s, fc]) goes
+        fc = _mlp_width(x, moe)
+        mlp.append(-(none["mlp"] - x.e * x.b * x.s * fc) - (0 if fc else mlp_input_bytes(x, moe)))
+    events = [-mask, *mlp, -norm, -mask, g["proj"], *([core] if isinstance(core, int) else core), g["qkv"], -norm]
     if recompute == "full":  # the layer is rebuilt first; the kept block input (norm1's) goes last
         block = x.e * x.b * x.sr * x.cfg.hidden
         events = [sum(none.values()) - block, *events[:-1], -(norm - block), -block]
     return events
+
+
+def _backward_extra(x: Shapes, recompute: str, moe: bool) -> int:
+    """What a layer's backward holds while it runs, beyond what the layer kept: recomputation
+    rebuilds the layer (full) or, once the MLP and the projection have been passed, the
+    attention core (selective)."""
+    if recompute == "full":  # the kept block input is saved as it is (by the first norm, or post-norm by the qkv)
+        return sum(layer_bytes(x, "none", moe).values()) - x.e * x.b * x.sr * x.cfg.hidden
+    if recompute != "selective":
+        return 0
+    layer = layer_bytes(x, "selective", moe)
+    freed = layer["mlp"] + mlp_input_bytes(x, moe) + layer["attention_output"] + layer["norms"] // 2
+    freed += layer.get("dropout_masks", 0)
+    rebuilt = attention_core_bytes(x)
+    if x.output_copied:  # the output copy is the projection's, not rebuilt here
+        rebuilt -= x.e * x.b * x.s * x.heads * x.cfg.head_dim
+    return rebuilt - freed
 
 
 @dataclass(frozen=True)
@@ -108,42 +144,34 @@ class ChunkBytes:
     backward_split: int = 0  # the most it holds during a B whose W is deferred
 
 
-def chunk_bytes(x: Shapes, n_layers: int, first: bool, last: bool, recompute: str, split: bool = False) -> ChunkBytes:
-    """What one microbatch keeps through a chunk of `n_layers` layers (with the embedding
-    when `first`, the final norm, head and loss when `last`), and during its backward."""
-    layer = layer_bytes(x, recompute)
-    per_layer = sum(layer.values())
+def chunk_bytes(x: Shapes, layers: Sequence[int], first: bool, last: bool, recompute: str,
+                split: bool = False) -> ChunkBytes:
+    """What one microbatch keeps through a chunk of `layers` (with the embedding when
+    `first`, the final norm, head and loss when `last`), and during its backward; each
+    layer priced as the block it is, MoE or dense (`ModelConfig.is_moe_layer`)."""
+    kinds = [x.cfg.is_moe_layer(i) for i in layers]
+    kept = {moe: sum(layer_bytes(x, recompute, moe).values()) for moe in set(kinds)}
     head = head_bytes(x) if last else 0
     rest = shared_bytes(x, recompute) + (embedding_bytes(x) if first else 0)
-    a = n_layers * per_layer + rest + head
-    # the first backward of a microbatch walks the chunk's last layer first: what it frees
-    # before the recomputation there, and what the recomputation adds
-    if recompute == "full":
-        # the kept block input is saved as it is (by the first norm, or post-norm by the qkv)
-        rebuilt = sum(layer_bytes(x, "none").values()) - x.e * x.b * x.sr * x.cfg.hidden
-        during = a - head + rebuilt
-    elif recompute == "selective":
-        freed = layer["mlp"] + layer["linear_inputs"] // 2 + layer["attention_output"] + layer["norms"] // 2
-        freed += layer.get("dropout_masks", 0)
-        rebuilt = attention_core_bytes(x)
-        if x.output_copied:  # the output copy is the projection's, not rebuilt here
-            rebuilt -= x.e * x.b * x.s * x.heads * x.cfg.head_dim
-        during = a - head - freed + rebuilt
-    else:
-        during = a
-    one = max(a, during)
+    a = sum(kept[moe] for moe in kinds) + rest + head
+    # the backward frees the head first, then walks the layers last first: each holds its
+    # recomputation's extra on top of what it and the layers before it still keep
+    held, during = a - head, a
+    for moe in reversed(kinds):
+        during = max(during, held + _backward_extra(x, recompute, moe))
+        held -= kept[moe]
     if not split:
-        return ChunkBytes(a, one)
+        return ChunkBytes(a, during)
     # a split B: the head's backward (not deferred), then each layer, last first, turns from
     # its saved tensors into its W closures; the shared tables and the embedding go last
     held = peak = a - head
-    for _ in range(n_layers):
-        for change in _split_layer_events(x, recompute):
+    for moe in reversed(kinds):
+        for change in _split_layer_events(x, recompute, moe):
             held += change
             peak = max(peak, held)
-    pending = n_layers * weight_pending_layer_bytes(x)
+    pending = sum(weight_pending_layer_bytes(x, moe) for moe in kinds)
     assert held - rest == pending, (held, rest, pending)  # the events end on what the closures keep
-    return ChunkBytes(a, one, pending, max(a, peak))
+    return ChunkBytes(a, during, pending, max(a, peak))
 
 
 # --- a step ---------------------------------------------------------------------------------
@@ -223,7 +251,7 @@ def rank_activation_bytes(
     steps = schedule_steps(schedule, pp, stage, microbatches, vpp)
     split = any(s.kind == "W" for s in steps)
     per_chunk = [
-        chunk_bytes(x, len(layers), stage == 0 and c == 0, stage == pp - 1 and c == vpp - 1, recompute, split)
+        chunk_bytes(x, layers, stage == 0 and c == 0, stage == pp - 1 and c == vpp - 1, recompute, split)
         for c, layers in enumerate(chunks)
     ]
     return ActivationBytes(

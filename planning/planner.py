@@ -19,6 +19,12 @@ tokens of every sample, so activations fall by cp and the ring's blocks in fligh
 added; gradients are reduced, and ZeRO shards, over dp·cp; the batch arithmetic (m =
 global / (micro · dp)) does not change, cp ranks sharing their samples.
 
+Expert parallelism (`Settings.ep`, from ``parallel.ep``; the search keeps it as given):
+ep divides dp and adds no ranks; each rank holds E/ep experts of every MoE layer, whose
+gradients are reduced, and ZeRO-sharded, over dp/ep ranks; its experts compute as many
+rows as without ep under uniform routing, and the tokens' all-to-all joins the traffic
+and the step time (`trident.planning.plan_cost`).
+
 The records they return (`Settings`, `StagePlan`, `Plan`) live in `trident.planning.plan`.
 """
 
@@ -31,6 +37,7 @@ from trident.model.config import ModelConfig
 from trident.parallel.context.sharding import check_cp
 from trident.parallel.pipeline.schedule import SCHEDULES, check_layout
 from trident.parallel.pipeline.stages import stage_layers
+from trident.parallel.topology import resolve_layout
 from trident.planning.devices import Device, get_device
 from trident.planning.plan import Plan, Settings, StagePlan
 from trident.planning.plan_cost import comm_bytes, recompute_flops_per_token, step_time
@@ -51,7 +58,7 @@ def settings_from_config(cfg: Config, **overrides: object) -> Settings:
         split=tuple(p.pp_split) if p.pp_split else None, bucket_mb=cfg.optim.bucket_mb,
         doc_masking=cfg.data.doc_masking, overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
         zero3_reshard_after_forward=cfg.optim.zero3_reshard_after_forward,
-        cp=p.cp,
+        cp=p.cp, ep=p.ep,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]
@@ -59,7 +66,7 @@ def settings_from_config(cfg: Config, **overrides: object) -> Settings:
 
 def check(model: ModelConfig, st: Settings) -> None:
     """The layout checks training makes, as one sentence each, before any arithmetic."""
-    for name in ("tp", "cp", "pp", "dp", "micro_batch_size", "seq_len", "global_batch_size"):
+    for name in ("tp", "cp", "pp", "dp", "ep", "micro_batch_size", "seq_len", "global_batch_size"):
         value = getattr(st, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -69,7 +76,9 @@ def check(model: ModelConfig, st: Settings) -> None:
         raise UserError(f"recompute is {st.recompute!r}; valid values are {', '.join(RECOMPUTE)}")
     if st.dtype not in DTYPE_BYTES:
         raise UserError(f"dtype is {st.dtype!r}; valid values are {', '.join(DTYPE_BYTES)}")
-    model.check_tp(st.tp)
+    model.check_tp(st.tp, st.ep)
+    if st.ep != 1:
+        resolve_layout(st.world, st.tp, st.pp, st.dp, st.cp, st.ep)  # ep divides dp, and no cp with it
     if st.seq_len > model.max_seq_len:
         raise UserError(f"seq_len={st.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     per_step = st.micro_batch_size * st.dp
@@ -102,13 +111,14 @@ def make_plan(model: ModelConfig, st: Settings, device: Device | str = "H100") -
     check(model, st)
     m = st.microbatches
     shapes = Shapes(model, st.micro_batch_size, st.seq_len, st.tp, st.sp, st.dtype, device.kind, st.doc_masking,
-                    st.cp)
+                    st.cp, st.ep)
     stages = []
     for r in range(st.pp):
         chunks = rank_chunks(model.n_layers, st.pp, r, st.split, st.vpp)
-        params = stage_params(model, st.tp, st.pp, r, st.sequence_parallel, st.split, st.vpp)
-        # reduced and sharded over dp·cp
-        state = state_bytes(params, st.dp_cp, st.zero, st.dtype, st.bucket_mb, st.zero3_reshard_after_forward)
+        params = stage_params(model, st.tp, st.pp, r, st.sequence_parallel, st.split, st.vpp, st.ep)
+        # reduced and sharded over dp·cp; expert parameters (ep > 1) over dp/ep
+        state = state_bytes(params, st.dp_cp, st.zero, st.dtype, st.bucket_mb, st.zero3_reshard_after_forward,
+                            st.edp)
         act = rank_activation_bytes(shapes, st.schedule, st.pp, r, m, chunks, st.recompute)
         stages.append(StagePlan(r, tuple(chunks), state, act))
     tokens = st.global_batch_size * st.seq_len

@@ -24,7 +24,7 @@ from trident.checkpoint.checkpoint import RunState, save_checkpoint
 from trident.errors import UserError
 from trident.parallel.random import RNGStreams
 from trident.parallel.topology import Layout, Topology
-from trident.planning.dry_run import dry_run, fake_world
+from trident.planning.dry_run import dry_run, fake_world, format_report
 from trident.tools.cli import main
 from trident.training.build import build_model, build_optimizer
 from trident.training.config import load_config
@@ -33,6 +33,7 @@ LLAMA_8B = str(REPO / "configs" / "llama-8b.yaml")
 LLAMA_70B = str(REPO / "configs" / "llama-70b.yaml")
 # the data tests' session fixtures: a small stdlib corpus and a 512-piece tokenizer trained on it
 data_dir, stdlib_jsonl, sp_model = data_fixtures.data_dir, data_fixtures.stdlib_jsonl, data_fixtures.sp_model
+MOE = ["model.moe_experts=8", "model.moe_top_k=2", "model.moe_ffn_hidden=24", "model.moe_layer_freq=2"]
 SMALL = ["model.n_layers=3", "model.hidden=48", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=100",
          "model.max_seq_len=32", "data.seq_len=32", "model.vocab_size=1001", "data.vocab_size=1001",
          "train.micro_batch_size=1", "train.global_batch_size=20", "optim.bucket_mb=0.01"]
@@ -63,7 +64,7 @@ def _layer_numel(hidden: int, heads: int, kv_heads: int, ffn: int, tp: int) -> i
 
 def _check_rank(report, layout: Layout, rank: int, gbs: int) -> None:
     pp_rank, dp_rank, tp_rank = layout.coords(rank)
-    assert report.coords == {"tp": tp_rank, "cp": 0, "pp": pp_rank, "dp": dp_rank}
+    assert report.coords == {"tp": tp_rank, "cp": 0, "pp": pp_rank, "dp": dp_rank, "ep": 0}
     assert report.mismatches == {}, report.mismatches
     assert set(report.built) >= {"param_bytes", "grad_bytes", "optimizer_bytes"}
     built = report.built
@@ -86,7 +87,7 @@ def _check_rank(report, layout: Layout, rank: int, gbs: int) -> None:
 def test_llama_8b_at_1024_ranks_matches_the_plan(data, rank):
     cfg = load_config(LLAMA_8B, ["parallel.pp=4", *_overrides(data, blend=False)])
     report = dry_run(cfg, 1024, rank, LLAMA_8B)
-    assert report.layout == {"tp": 8, "cp": 1, "pp": 4, "dp": 32}
+    assert report.layout == {"tp": 8, "cp": 1, "pp": 4, "dp": 32, "ep": 1}
     _check_rank(report, Layout(tp=8, pp=4, dp=32), rank, 1024)
     if report.coords["pp"] == 2:  # a middle stage: 8 blocks and nothing else
         assert report.layers == list(range(16, 24))
@@ -97,7 +98,7 @@ def test_llama_8b_at_1024_ranks_matches_the_plan(data, rank):
 def test_llama_70b_at_1024_ranks_matches_the_plan(data, rank):
     cfg = load_config(LLAMA_70B, _overrides(data, blend=True))
     report = dry_run(cfg, 1024, rank, LLAMA_70B)
-    assert report.layout == {"tp": 8, "cp": 1, "pp": 8, "dp": 16}
+    assert report.layout == {"tp": 8, "cp": 1, "pp": 8, "dp": 16, "ep": 1}
     _check_rank(report, Layout(tp=8, pp=8, dp=16), rank, 1024)
     if 0 < report.coords["pp"] < 7:
         assert report.built["numel"] == 10 * _layer_numel(8192, 64, 8, 28672, tp=8) == 1_069_711_360
@@ -110,6 +111,10 @@ def test_llama_70b_at_1024_ranks_matches_the_plan(data, rank):
     (10, 9, ["parallel.tp=2", "optim.zero=3", "model.position=learned", "model.norm=layernorm", "model.bias=true",
              "model.activation=gelu"]),
     (40, 22, ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2", "optim.zero=0"]),
+    # experts: 8 per MoE layer (every other block) over ep=4 of dp=8, their buckets over dp/ep = 2
+    (32, 27, [*MOE, "parallel.tp=2", "parallel.pp=2", "parallel.ep=4", "parallel.sequence_parallel=true",
+              "train.global_batch_size=16", "optim.zero=2"]),
+    (8, 3, [*MOE, "parallel.ep=2", "train.global_batch_size=16"]),  # one stage: MoE 0, 2, dense 1; experts 1/4 shards
 ])
 def test_planner_agrees_at_other_layouts_and_stages(world, rank, extra):
     report = dry_run(load_config(None, SMALL + extra), world, rank)
@@ -117,6 +122,9 @@ def test_planner_agrees_at_other_layouts_and_stages(world, rank, extra):
     assert report.data is None and any("data.prefix" in n for n in report.notes)
     if world == 20:
         assert report.built["padded_numel"] > report.built["numel"]  # the planner rounds padding as the buffer does
+    if world == 32:  # rank 27: stage 1, dp rank 5 = ep rank 1 (experts 2, 3 of 8 in MoE layer 2)
+        assert report.coords == {"tp": 1, "cp": 0, "pp": 1, "dp": 5, "ep": 1} and report.layers == [2]
+        assert "ep 1/4" in format_report(report) and "experts' 1/2" in format_report(report)
 
 
 def test_checkpoint_names_are_those_a_real_save_writes(tmp_path):
@@ -168,7 +176,7 @@ def test_cli_json_for_llama_70b(data, capsys):
     argv = ["train", "--config", LLAMA_70B, "--dry-run", "--world", "1024", "--rank", "1023", "--json"]
     assert main([*argv, *_overrides(data, blend=True)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["mismatches"] == {} and report["layout"] == {"tp": 8, "cp": 1, "pp": 8, "dp": 16}
+    assert report["mismatches"] == {} and report["layout"] == {"tp": 8, "cp": 1, "pp": 8, "dp": 16, "ep": 1}
     assert report["built"]["optimizer_bytes"] == report["planned"]["optimizer_bytes"] > 0
     assert report["checkpoint_files"] == ["optim_rank1023.safetensors", "rng_rank1023.safetensors"]
     assert set(report["times"]) == {"topology_s", "model_s", "optimizer_s", "index_s"}

@@ -57,28 +57,41 @@ def _settings(layout: tuple[int, int, int], case: dict):
         tp=tp, pp=pp, dp=dp, zero=case["zero"], recompute=case["recompute"], micro_batch_size=MBS, seq_len=SEQ,
         global_batch_size=case["m"] * MBS * dp, sequence_parallel=case.get("sp", False),
         dtype=case.get("dtype", "fp32"), bucket_mb=case.get("bucket_mb", 25.0), doc_masking=case.get("packed", False),
-        schedule=case.get("schedule", "1f1b"), vpp=case.get("vpp", 1),
+        schedule=case.get("schedule", "1f1b"), vpp=case.get("vpp", 1), ep=case.get("ep", 1),
     )
 
 
+def _topology(layout: list[int], ep: int, made: dict):
+    """The rank's Topology at this layout and `ep`, made once."""
+    from trident.parallel.topology import Topology
+
+    if ep not in made:
+        tp, pp, dp = layout
+        made[ep] = Topology.single() if tp * pp * dp == 1 else Topology.from_initialized(tp=tp, pp=pp, ep=ep)
+    return made[ep]
+
+
 def _measure(layout: list[int], cases: list[dict]) -> list[dict]:
-    """Every case at one layout on this rank: measured report and the planner's prediction."""
+    """Every case at one layout on this rank: measured report and the planner's prediction
+    (a case's "ep": expert parallelism over that many dp ranks; MoE models also report the
+    step's measured all-to-all bytes, `moe_a2a_bytes`, beside the planned ones)."""
     import torch
 
+    from trident.model.moe import moe_step_end
     from trident.model.stage import build_stage
     from trident.parallel.pipeline.executor import run_pipeline
     from trident.parallel.pipeline.p2p import activation_shape
     from trident.parallel.random import RNGStreams
-    from trident.parallel.topology import Topology
     from trident.parallel.zero.mixed_precision import MixedPrecisionConfig, parse_dtype
     from trident.parallel.zero.optimizer import DistributedOptimizer, OptimizerConfig
     from trident.planning.planner import make_plan
     from trident.training.memory import ActivationMeter, rank_memory
 
     tp, pp, dp = layout
-    topo = Topology.single() if tp * pp * dp == 1 else Topology.from_initialized(tp=tp, pp=pp)
+    topos: dict = {}  # by ep (every rank builds the same groups in the same order)
     out = []
     for case in cases:
+        topo = _topology(layout, case.get("ep", 1), topos)
         cfg = _model(case)
         st = _settings((tp, pp, dp), case)
         model = build_stage(cfg, topo, sequence_parallel=st.sequence_parallel, rng=RNGStreams(0, topo),
@@ -95,25 +108,23 @@ def _measure(layout: list[int], cases: list[dict]) -> list[dict]:
             data["doc_ids"] = (torch.rand(rows, SEQ, generator=gen) < 0.1).long().cumsum(1)
         first = topo.dp_rank * case["m"] * MBS
         micros = [{k: v[first + i * MBS : first + (i + 1) * MBS] for k, v in data.items()} for i in range(case["m"])]
-
-        def step() -> int:
-            opt.zero_grad()
-            with ActivationMeter(model) as meter:  # W closures included (weight_grad.observe)
-                run_pipeline(model, topo, micros, act_shape=activation_shape(MBS, SEQ, cfg.hidden, tp, st.sp),
-                             loss_divisor=float(rows * SEQ), grad_sync=opt.grad_sync,
-                             before_backward=opt.before_backward, schedule=st.schedule, vpp=st.vpp)
-            assert meter.live_bytes == 0
-            return meter.peak_bytes
-
-        peak = step()
+        opt.zero_grad()
+        with ActivationMeter(model) as meter:  # W closures included (weight_grad.observe)
+            run_pipeline(model, topo, micros, act_shape=activation_shape(MBS, SEQ, cfg.hidden, tp, st.sp),
+                         loss_divisor=float(rows * SEQ), grad_sync=opt.grad_sync,
+                         before_backward=opt.before_backward, schedule=st.schedule, vpp=st.vpp)
+        assert meter.live_bytes == 0
         assert opt.step().stepped
-        measured = rank_memory(model, opt, peak, "saved-tensors")
-        planned = make_plan(cfg, st, "cpu").stages[topo.pp_rank]
+        measured = rank_memory(model, opt, meter.peak_bytes, "saved-tensors")
+        plan = make_plan(cfg, st, "cpu")
+        planned = plan.stages[topo.pp_rank]
+        a2a = moe_step_end(model, cfg, topo, update_bias=False).get("moe_a2a_bytes", 0.0)
         out.append({
             "case": case, "rank": topo.rank, "stage": topo.pp_rank,
             "measured": measured.values(),
             "planned": [planned.param_bytes, planned.grad_bytes, planned.optimizer_bytes,
                         planned.activation_bytes, planned.measurable_bytes],
+            "a2a": [a2a, plan.comm_bytes.get("ep", 0.0)],
         })
     return out
 
@@ -242,11 +253,11 @@ def test_planner_per_schedule():
              for name in ("1f1b", "interleaved", "zb-h1", "gpipe")}
     x = Shapes(cfg, MBS, SEQ, 1, False, "fp32", "cpu", False)
     for s in plans["1f1b"].stages:  # two layers each; k = 2, 1
-        c = chunk_bytes(x, 2, s.stage == 0, s.stage == 1, "none")
+        c = chunk_bytes(x, range(2), s.stage == 0, s.stage == 1, "none")
         assert s.activations.in_flight == 2 - s.stage and s.activation_bytes == (1 - s.stage) * c.full + c.backward
     # interleaved: rank 0 holds layers 0 and 2; peak 4 microbatches of chunk 0, then chunk 1's B
     s0 = plans["interleaved"].stages[0]
-    c0, c1 = chunk_bytes(x, 1, True, False, "none"), chunk_bytes(x, 1, False, False, "none")
+    c0, c1 = chunk_bytes(x, [0], True, False, "none"), chunk_bytes(x, [2], False, False, "none")
     assert s0.layers == [0, 2] and s0.activations.in_flight == 5 and s0.activation_bytes == 4 * c0.full + c1.backward
     assert s0.param_bytes == plans["1f1b"].stages[0].param_bytes  # the same parameters, another placement
     deep = preset("tiny", vocab_size=512, n_layers=24, max_seq_len=SEQ)
@@ -264,10 +275,10 @@ def test_planner_per_schedule():
     assert all(s.activations.weight_pending == 2 * per_layer for s in zb.stages)
     # with fused attention the closures outweigh what the layer saved (its output gradients
     # are new tensors); with the paper's unfused attention (s x s probabilities) they do not
-    full = chunk_bytes(x, 2, False, False, "none").full
+    full = chunk_bytes(x, range(2), False, False, "none").full
     assert 2 * per_layer > full and zb.stages[1].activation_bytes > plans["1f1b"].stages[1].activation_bytes
     unfused = Shapes(dataclasses.replace(cfg, attention_dropout=0.1), MBS, SEQ, 1, False, "fp32", "cpu", False)
-    unfused_chunk = chunk_bytes(unfused, 2, False, False, "none", split=True)
+    unfused_chunk = chunk_bytes(unfused, range(2), False, False, "none", split=True)
     assert unfused_chunk.pending < unfused_chunk.full
     # transfers: outputs are freed once sent; at most one batch in flight
     assert plans["1f1b"].stages[0].activations.pipeline_buffer == 2 * 4 * MBS * SEQ * 64

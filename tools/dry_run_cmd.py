@@ -4,7 +4,8 @@ Builds rank R of an N-rank job in this one process, with the real code and no
 communication (torch's fake process-group backend, the meta device): its process groups,
 model shard, ZeRO-sharded optimizer, data indices (with data.prefix) and checkpoint file
 names; prints its parameter, gradient and optimizer bytes beside `trident plan`'s, the time
-each part took, and the files it would write. dp is derived from N. Exits 1 when the build
+each part took, and the files it would write. dp is derived from N; ``parallel.ep=E``
+builds the rank's E/ep experts and their dp/ep-sharded buckets. Exits 1 when the build
 and the planner disagree (`trident.planning.dry_run`).
 """
 

@@ -14,6 +14,10 @@ parallelism is tried from seq_len 8192 on, or when nothing fits without it).
 `--cp N` (context parallelism, ring attention) gives each rank seq_len/cp tokens of every
 sample: activations fall by cp, the ring's K/V (and in backward dK/dV) blocks in flight
 join the buffers, and gradients and ZeRO's shards spread over dp·cp.
+
+`--ep N` (expert parallelism, default parallel.ep; kept as given by --devices) gives each
+rank E/ep experts of every MoE layer, their gradients and ZeRO shards over dp/ep ranks,
+and the tokens' all-to-all (uniform routing) in the traffic and the step time.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "be a multiple of 2*cp")
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: parallel.pp)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel size (default: parallel.dp, else 1)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size, dividing dp and model.moe_experts "
+                   "(default: parallel.ep)")
     p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0, 1, 2 or 3 (default: optim.zero)")
     p.add_argument("--recompute", default=None, help="none | selective | full (default: train.recompute)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="default: train.micro_batch_size")
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     device = get_device(args.device)
     memory = parse_bytes(args.device_memory) if args.device_memory is not None else device.memory_bytes
     base = settings_from_config(
-        cfg, tp=args.tp, cp=args.cp, pp=args.pp, dp=args.dp, zero=args.zero, recompute=args.recompute,
+        cfg, tp=args.tp, cp=args.cp, pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, recompute=args.recompute,
         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, schedule=args.schedule, vpp=args.vpp,
     )
     if args.devices is None:
@@ -95,7 +101,8 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
     schedule = st.schedule + (f", {st.vpp} virtual stages per rank" if st.vpp > 1 else "")
     lines = [
         f"trident plan: {source or 'default config'}, {st.dtype}, on {dev.name} ({format_bytes(memory)} each)",
-        f"layout tp={st.tp}{f' cp={st.cp}' if st.cp > 1 else ''} pp={st.pp} dp={st.dp} ({st.world} devices)"
+        f"layout tp={st.tp}{f' cp={st.cp}' if st.cp > 1 else ''} pp={st.pp} dp={st.dp}"
+        f"{f' ep={st.ep}' if st.ep > 1 else ''} ({st.world} devices)"
         f"{', sequence parallel' if st.sp else ''}, ZeRO-{st.zero}, recompute {st.recompute}",
         f"batch {st.global_batch_size} x {st.seq_len} tokens: {m} microbatches of {st.micro_batch_size} per pipeline "
         f"({schedule})",
@@ -131,6 +138,10 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
         f"{plan.breakdown['optimizer']:.3f} s): {plan.tokens_per_s:,.0f} tokens/s, MFU {100 * plan.mfu:.1f}% "
         f"at {dev.peak_tflops(st.dtype):g} TFLOP/s {st.dtype} per device",
     ]
+    if st.ep > 1:
+        lines.append(f"expert all-to-all (ep={st.ep}, uniform routing): {format_bytes(plan.comm_bytes['ep'])} sent per "
+                     f"device per step, {1e3 * plan.breakdown['all_to_all']:.2f} ms of the pipeline, exposed "
+                     f"({'NVLink' if st.tp * st.ep <= dev.per_node else 'network'})")
     if st.cp > 1:
         ring, exposed = plan.breakdown["ring"], plan.breakdown["ring_exposed"]
         lines.append(f"ring attention (cp={st.cp}): {ring:.3f} s of transfers per step, {exposed:.3f} s exposed "
@@ -140,7 +151,9 @@ def format_plan(plan, memory: int, source: str | None = None, model=None) -> str
 
 def _group(name: str, st) -> str:
     """A traffic group's label: the gradient reduction spans dp·cp under context parallelism."""
-    return "dp·cp" if name == "dp" and st.cp > 1 else ("cp ring" if name == "cp" else name)
+    if name == "dp":
+        return "dp·cp" if st.cp > 1 else ("dp (experts over dp/ep)" if st.ep > 1 else "dp")
+    return {"cp": "cp ring", "ep": "ep all-to-all"}.get(name, name)
 
 
 def _notes(plan, model, unit: str, size: float) -> list[str]:
@@ -159,6 +172,8 @@ def _notes(plan, model, unit: str, size: float) -> list[str]:
                      f"{held}: +{(s.state.param_peak_bytes - s.param_bytes) / size:.2f} {unit} on stage 0)")
     if st.cp > 1:
         notes.append(_cp_note(plan, unit, size))
+    if st.ep > 1 and model is not None:
+        notes.append(_ep_note(plan, model))
     if any(s.activations.weight_pending for s in plan.stages):
         s = plan.stages[0]
         notes.append(
@@ -183,6 +198,17 @@ def _cp_note(plan, unit: str, size: float) -> str:
     return (f"(cp={st.cp}: each rank holds {st.local_seq} of {st.seq_len} tokens per sample in 2 load-balanced "
             f"chunks; buffers include the ring's K/V + fp32 dK/dV blocks in flight, "
             f"{s.activations.ring_buffer / size:.2f} {unit}{share})")
+
+
+def _ep_note(plan, model) -> str:
+    """What expert parallelism changes in the table: experts per rank, their shards, the
+    activation assumption."""
+    st = plan.settings
+    e = model.moe_experts
+    share = f", ZeRO-{st.zero} shards" if st.zero else ""
+    return (f"(ep={st.ep}: each rank holds {e // st.ep} of {e} experts per MoE layer, their gradients{share} "
+            f"over dp/ep = {st.edp} ranks; expert activations assume uniform routing, T·k rows per rank, "
+            f"a rank's own varying with its routing)")
 
 
 def format_schedules(plan, model, memory: int) -> list[str]:
@@ -225,9 +251,11 @@ def format_search(plans, devices: int, memory: int, device: str, top: int) -> st
         return (f"no layout of {devices} x {device} fits {format_bytes(memory)} per device; try more devices, "
                 f"a smaller micro batch, recompute=full or ZeRO-1/2")
     unit, size = _unit(max(p.peak_bytes for p in plans))
+    ep = plans[0].settings.ep
+    kept = f"; ep={ep} as given, dp a multiple of it" if ep > 1 else ""
     lines = [
         f"layouts of {devices} x {device} that fit {format_bytes(memory)} per device, fastest first "
-        f"(showing {min(top, len(plans))} of {len(plans)})",
+        f"(showing {min(top, len(plans))} of {len(plans)}{kept})",
         f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>3} {'sp':>3} {'zero':>4} {'recompute':>9} {'peak ' + unit:>8} {'tokens/s':>12} "
         f"{'MFU':>6} {'step s':>8}",
     ]
