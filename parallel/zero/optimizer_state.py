@@ -40,14 +40,7 @@ def local_entries(opt: "DistributedOptimizer") -> list[tuple[dict, int, int]]:
     """(metadata, bucket index, offset of the entry's first local element in the bucket's
     state range) for every (parameter piece x owned range) of this rank."""
     out = []
-    t = opt.topo
-    # zero 0 replicates the state over dp and the checkpoint stores it once, but under expert
-    # parallelism the ranks of one ep group hold different experts: each stores its experts,
-    # and only dp rank 0 the dense state
-    experts_only = opt.cfg.zero == 0 and t.dp_cp_rank != 0
     for i, b in enumerate(opt.buffer.buckets):
-        if experts_only and not b.expert:
-            continue
         for slot in b.slots:
             s, e = max(b.shard_start, slot.start), min(b.shard_end, slot.start + slot.numel)
             if s >= e:
@@ -92,7 +85,13 @@ def state_dict(opt: "DistributedOptimizer") -> dict:
     """
     tensors: dict[str, torch.Tensor] = {}
     entries = []
+    # zero 0 replicates the state over dp and a checkpoint stores it once, but under expert
+    # parallelism the ranks of one ep group hold different experts: each stores its experts,
+    # and only dp rank 0 the dense state
+    experts_only = opt.cfg.zero == 0 and opt.topo.dp_cp_rank != 0
     for meta, i, off in local_entries(opt):
+        if experts_only and not opt.buffer.buckets[i].expert:
+            continue
         for k, kind in enumerate(KINDS):
             tensors[f"{kind}/{meta['key']}"] = gather_runs(local_runs(opt, k, meta, i, off), meta["count"])
         entries.append(meta)
