@@ -22,7 +22,8 @@ CASES = {
                 dict(ep=2, zero=2, recompute="full", m=2, bucket_mb=0.05)],
     (1, 1, 4): [dict(ep=2, zero=1, recompute="none", m=1, bucket_mb=0.05),
                 dict(ep=2, zero=2, recompute="selective", m=1, dtype="bf16", shared=1),
-                dict(ep=4, zero=1, recompute="none", m=1, layers=3, freq=2)],
+                dict(ep=4, zero=1, recompute="none", m=1, layers=3, freq=2),
+                dict(ep=2, zero=3, recompute="none", m=1, shared=1)],
     (2, 1, 2): [dict(ep=2, zero=1, recompute="none", m=1, sp=True, shared=1)],
     (1, 2, 2): [dict(ep=2, zero=1, recompute="none", m=2, layers=4, freq=2),
                 dict(ep=2, zero=0, recompute="none", m=2, schedule="zb-h1", layers=4, shared=1)],
@@ -60,7 +61,11 @@ def test_plan_at_ep_matches_each_rank(dist_pool, layout):
             if case["m"] == 1:  # one microbatch: the group's rows are its sent rows, so the mean is exact
                 twin = [rank_rows[len(cases) + twins.index(_twin(case))] for rank_rows in results]
                 off_at_ep1 = sum(row["measured"][3] - row["planned"][3] for row in twin if row["stage"] == stage)
-                assert measured - planned == off_at_ep1, (layout, case, stage, measured - planned, off_at_ep1)
+                # (ZeRO-3: autograd also saves the freed expert units' one-element placeholders,
+                # 4 bytes each, which the meter counts; the rest is exact)
+                slack = 64 if case["zero"] == 3 else 0
+                assert abs(measured - planned - off_at_ep1) <= slack, (layout, case, stage, measured - planned,
+                                                                       off_at_ep1)
             else:  # each rank's peak is its busier microbatch's: above the mean of them, a little
                 assert -0.02 <= planned / measured - 1 <= 0.002, (layout, case, stage, planned, measured)
         if case["recompute"] != "full":  # (the metric counts a rerun forward's all-to-all once; the plan twice)

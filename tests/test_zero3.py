@@ -140,7 +140,9 @@ def test_zero3_issues_each_collective_before_the_compute_that_waits_for_it(dist_
         if nxt == "embedding":  # the tied embedding is still gathered from its use as the head
             continue
         end = events.index(["backward_end", cur], i) if cur != "embedding" else j
-        assert ["all_gather_issue", nxt] in events[i:end], (cur, nxt, events[i:j])
+        # issued as cur's backward begins: after the unit before it began, before cur ends
+        before = max([k for k in range(i) if events[k][0] == "backward"], default=0)
+        assert ["all_gather_issue", nxt] in events[before:end], (cur, nxt, events[before:j])
         if cur != "embedding":
             assert ["reduce_scatter_issue", cur] in events[i:j], (cur, nxt, events[i:j])
         checked += 1
@@ -256,3 +258,55 @@ def test_a_freed_unit_holds_no_memory_where_autograd_saved_its_weights():
         opt.grad_sync()
         grads[zero] = torch.cat([b.main_grad for b in opt.buffer.buckets if b.main_grad is not None]).norm()
     assert torch.allclose(grads[3], grads[1], rtol=1e-5, atol=0), (grads[3].item(), grads[1].item())
+
+
+def _switch_events(schedule: str, vpp: int, layers: int) -> dict:
+    """Two steps at pp 2 x dp 2 under `schedule`; from the second (each action's units known
+    by then): the gathers issued and waited for at once, and at every W's start the units
+    gathered or on their way and the gradient buffers held."""
+    import dataclasses
+
+    from trident.parallel.topology import Topology
+
+    cfg = dataclasses.replace(config(), n_layers=layers)
+    topo = Topology.from_initialized(tp=1, pp=2)
+    model, opt = build(cfg, topo, {"vpp": vpp})
+    sp, at_w = opt.buffer, []
+    begin = sp.begin_action
+
+    def watch(action, following):
+        begin(action, following)
+        if action[0] == "W":
+            at_w.append({"gathered": [u.name for u in sp.buckets if u.gathered or u.gather_work is not None],
+                         "grad_buffers": [u.name for u in sp.buckets if u.grad_data is not None],
+                         "parked": sum(g.numel() for u in sp.buckets for g in u.parked.values()),
+                         "largest": max(u.numel for u in sp.buckets)})
+
+    sp.begin_action = watch
+    for step in range(2):
+        at_w.clear()
+        train_step(model, opt, topo, global_batch(cfg, step), schedule=schedule, vpp=vpp)
+    events = [[what, unit] for _, what, unit in sp.events]
+    exposed = [a[1] for a, b in zip(events, events[1:]) if a[0] == "all_gather_issue" and b == ["all_gather_wait", a[1]]]
+    first = next(e[1] for e in events if e[0] in ("forward", "backward"))
+    return {"exposed": exposed, "first": first, "at_w": at_w, "uses": sum(e[0] in ("forward", "backward") for e in events)}
+
+
+@pytest.mark.parametrize("schedule, vpp, layers", [("1f1b", 1, 2), ("interleaved", 2, 4), ("zb-h1", 1, 2)])
+def test_zero3_prefetches_across_actions_and_frees_a_unit_when_its_b_ends(dist_pool, schedule, vpp, layers):
+    """Told the plan by the executor, the units prefetch across a switch from forward to
+    backward and back (or stay gathered when the next action starts with the same unit):
+    after the step's first unit no gather is issued only when it is needed. Under ZB-H1 a
+    unit is freed when its B ends and its B's few gradients wait in fp32 on their own: at
+    each W no unit is gathered but the next action's first (kept, or prefetched), and no
+    unit-sized gradient buffer is held."""
+    for rank, got in enumerate(dist_pool.run(4, "test_zero3:_switch_events", timeout=200, schedule=schedule,
+                                             vpp=vpp, layers=layers)):
+        assert got["uses"] >= 8, got
+        assert got["exposed"] == [got["first"]], (rank, got["exposed"])
+        if schedule == "zb-h1":
+            assert len(got["at_w"]) == 2, got  # a W per microbatch
+            for w in got["at_w"]:
+                assert len(w["gathered"]) <= 1, (rank, w)  # the next action's first unit, on its way
+                assert w["grad_buffers"] == [] and w["parked"] < w["largest"] // 10, (rank, w)
+            assert max(w["parked"] for w in got["at_w"]) > 0, got  # the norms' gradients from a B

@@ -70,7 +70,7 @@ from trident.errors import UserError
 from trident.parallel.collectives import all_reduce, all_reduce_coalesced
 from trident.parallel.context.sharding import shard_microbatch
 from trident.parallel.pipeline.p2p import StageComm
-from trident.parallel.pipeline.schedule import SCHEDULES, SPLIT_BACKWARD, Exchange, check_layout
+from trident.parallel.pipeline.schedule import SCHEDULES, SPLIT_BACKWARD, Action, Exchange, check_layout
 from trident.parallel.pipeline.schedule import forward_only as forward_only_steps
 from trident.parallel.pipeline.schedule import peak_in_flight, plan, schedule_steps
 from trident.parallel.pipeline.stage_run import Microbatch, StageRun
@@ -78,6 +78,7 @@ from trident.parallel.pipeline.timeline import Timeline
 from trident.parallel.tensor.layers import sync_tp_partial_grads
 from trident.parallel.tensor.sharding import is_pipeline_tied, is_zero3_sharded, reduction_grad
 from trident.parallel.topology import Topology
+from trident.parallel.zero.units import UnitHooks
 
 
 def finalize_grads(model: nn.Module, topo: Topology) -> None:
@@ -170,14 +171,7 @@ def run_pipeline(
         last_backward=None if split else next((st.key for st in reversed(steps) if st.kind == "B"), None),
         limit=peak_in_flight(steps), free_outputs=free_outputs,
     )
-    actions = {"F": run.forward, "B": run.backward, "W": run.weight}
-    for action in plan(steps, r, p, vpp):
-        if isinstance(action, Exchange):
-            run.exchange(action)
-        else:
-            actions[action.kind](action)
-        run.note_held()
-    run.check_drained()
+    _carry_out(run, plan(steps, r, p, vpp), getattr(model, "unit_hooks", None))
     if training:
         topo.heartbeat.waiting("finalize grads (tp, tied-embedding all-reduce)")
         finalize_grads(model, topo)
@@ -193,6 +187,28 @@ def run_pipeline(
         recvs=run.comm.recvs,
         held_bytes_peak=run.held_peak,
     )
+
+
+def _carry_out(run: StageRun, actions: Sequence[Action], units: UnitHooks | None) -> None:
+    """Run a plan's actions in order. Parameter units sharded over dp (ZeRO-3's
+    `begin_action`) are told before each step which step runs units next (the next F or B;
+    a W only computes stored weight gradients), so they can prefetch across the switch."""
+    compute = {"F": run.forward, "B": run.backward, "W": run.weight}
+    following: dict[int, tuple[str, int] | None] = {}
+    ahead = None
+    for action in reversed(actions):
+        if not isinstance(action, Exchange):
+            following[id(action)] = ahead
+            ahead = (action.kind, action.chunk) if action.kind in "FB" else ahead
+    for action in actions:
+        if isinstance(action, Exchange):
+            run.exchange(action)
+        else:
+            if units is not None:
+                units.begin_action((action.kind, action.chunk), following[id(action)])
+            compute[action.kind](action)
+        run.note_held()
+    run.check_drained()
 
 
 def _global_loss(local: torch.Tensor, topo: Topology, over_dp: bool) -> torch.Tensor:

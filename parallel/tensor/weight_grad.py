@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-_state: dict[str, object] = {"split": False, "store": None}
+_state: dict[str, object] = {"split": False, "store": None, "w": False}
 # callbacks told when deferred weight gradients start (+1) and stop (-1) keeping tensors
 # alive: an activation meter counts them with autograd's saved tensors (they are plain
 # references, which saved-tensor hooks do not see)
@@ -57,10 +57,14 @@ class WeightGradStore:
     def run(self) -> None:
         """The W pass: compute every deferred weight gradient and accumulate it."""
         pending, self.pending, holds, self.holds = self.pending, [], self.holds, []
-        for weight, compute in pending:
-            with torch.no_grad():  # as inside a backward: no graph of the gradient itself
-                grad = compute()
-            torch.autograd.backward(weight, grad)
+        _state["w"] = True
+        try:
+            for weight, compute in pending:
+                with torch.no_grad():  # as inside a backward: no graph of the gradient itself
+                    grad = compute()
+                torch.autograd.backward(weight, grad)
+        finally:
+            _state["w"] = False
         del pending
         for callback in list(_observers):
             callback(holds, -1)
@@ -95,6 +99,16 @@ def deferring(store: WeightGradStore) -> Iterator[None]:
 def splitting() -> bool:
     """True while a forward should build deferrable linears (`split_forward`)."""
     return bool(_state["split"]) and torch.is_grad_enabled()
+
+
+def in_split_b() -> bool:
+    """True inside a split backward's B (`deferring`): weight gradients are left for a W."""
+    return _state["store"] is not None
+
+
+def in_w() -> bool:
+    """True while a W (`WeightGradStore.run`) delivers deferred weight gradients."""
+    return bool(_state["w"])
 
 
 def defer(weight: torch.Tensor, compute: Callable[[], torch.Tensor], holds: tuple[torch.Tensor, ...] = ()) -> bool:

@@ -17,10 +17,12 @@ parameters exist only while the unit computes (DeepSpeed ZeRO-3, PyTorch FSDP):
   later or at the end, so the reduction overlaps the next unit's backward, and
   microbatches accumulate there in fp32.
 
-Units are the model's (`trident.parallel.zero.units`): one per transformer block, the
-embedding, the position embedding, the final norm and the head. The execution order is
-learned as the units run (which unit followed which, in forward and in backward) and drives
-the prefetch, so every dp rank issues the same collectives in the same order.
+Units are the model's (`trident.parallel.zero.units`): one per block, the embedding, the
+position embedding, the final norm, the head. Which unit runs next (`unit_order`) is
+learned as they run and told by the pipeline executor across its actions, so every dp
+rank issues the same collectives in the same order. Under a zero-bubble schedule a unit is
+freed when its B ends (its W needs no parameters), and the few gradients its B makes wait
+in fp32 (``parked``) rather than in a unit-sized buffer until its W.
 
 With ``reshard_after_forward=False`` a unit stays gathered from its first use in a step
 until the step's gradients are final: one all-gather per unit per step instead of two per
@@ -37,16 +39,13 @@ Expert parallelism: a block's experts are a unit of their own (`experts_of`), sh
 the dp/ep ranks that hold the same experts instead of dp, gathered and freed with their
 block; each reduces its gradients over its own group.
 
-The buckets the optimizer, the norm and the state files see are the units, with the same
-fields as `GradBuffer`'s buckets, so ZeRO-3 changes nothing downstream: masters, Adam
-moments and the checkpoint format stay per owned range.
+The optimizer, the norm and the state files see the units as buckets (`unit_shard`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -54,24 +53,15 @@ from torch import nn
 
 from trident.errors import UserError
 from trident.parallel.collectives import all_gather_single, all_reduce_coalesced, reduce_scatter_single
-from trident.parallel.tensor.sharding import is_expert, is_pipeline_tied, is_tp_partial, mark_zero3_sharded
+from trident.parallel.tensor.sharding import is_expert
+from trident.parallel.tensor.weight_grad import in_split_b, in_w
 from trident.parallel.topology import Topology
 from trident.parallel.zero import unit_stats
-from trident.parallel.zero.grad_buffer import ALIGN, Bucket, Slot, check_same_layout
+from trident.parallel.zero.grad_buffer import Slot, check_same_layout
+from trident.parallel.zero.unit_order import Action, UnitOrder
+from trident.parallel.zero.unit_shard import Unit, make_unit
 
 IN_FLIGHT = 2  # reduce-scatters outstanding before the oldest is waited for
-
-
-@dataclass
-class Unit(Bucket):
-    """A bucket holding exactly one unit's parameters, with its persistent shard."""
-
-    name: str = ""
-    shard: torch.Tensor | None = None  # [numel/dp] model dtype: this rank's parameters, always held
-    gathered: bool = False  # do the parameters point at a full, gathered `param_data`?
-    gather_work: Any = None  # an all-gather in flight (a prefetch)
-    tp_partial: list[tuple[int, int]] = field(default_factory=list)  # owned ranges summed over tp at the end
-    tied: bool = False  # a pipeline-tied embedding: the whole shard is summed over the embedding group
 
 
 class ShardedParams:
@@ -92,6 +82,7 @@ class ShardedParams:
             raise UserError(f"all trainable parameters must share one dtype, found {sorted(map(str, dtypes))}")
         self.param_dtype = dtypes.pop()
         self.device = next(iter(named.values())).device
+        self.events: list[tuple[float, str, str]] = []  # (time, what, unit): the collectives' timeline
         self.buckets: list[Unit] = []
         self.units: dict[str, Unit] = {}
         self.experts_of: dict[str, Unit] = {}  # a block's experts under expert parallelism: a unit of their own
@@ -109,47 +100,20 @@ class ShardedParams:
             raise UserError(f"parameters {missing} belong to no unit of the model; ZeRO-3 cannot shard them")
         check_same_layout([u for u in self.buckets if not u.expert], self.group, self.dp)
         check_same_layout([u for u in self.buckets if u.expert], topo.edp_group, topo.edp)
-        self.order: list[str] = []  # units in the order the first forward ran them
-        # what ran after what: (unit before, unit) -> the unit that came next, in forward and
-        # in backward, learned as they run; a tied embedding runs twice per forward, so the
-        # key is the pair (what came before disambiguates which of its uses this is)
-        self._after: dict[str, dict[tuple[str | None, str], str]] = {"forward": {}, "backward": {}}
-        self._key: dict[str, tuple[str | None, str] | None] = {"forward": None, "backward": None}
+        self.unit_order = UnitOrder()  # which unit runs next: what to prefetch
+        self._open: list[Unit] = []  # gathered for a split backward's B, their W still to come
         self.pending: list[tuple[Unit, Any, torch.Tensor, torch.Tensor]] = []  # (unit, work, out, input)
-        self.events: list[tuple[float, str, str]] = []  # (time, what, unit): the collectives' timeline
         self._synced = False
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._grad_hook(s)) for s in self.slots.values()]
         model.unit_hooks = self
 
     # --- construction -----------------------------------------------------------------------
     def _make_unit(self, name: str, params: list[tuple[str, nn.Parameter]], dp: int, dp_rank: int, group) -> Unit:
-        """Copy the unit's parameters into a padded flat buffer, keep this rank's shard of it,
-        and leave the parameters as storage-less placeholders until they are gathered."""
-        used = sum(p.numel() for _, p in params)
-        numel = -(-used // (dp * ALIGN)) * (dp * ALIGN)
-        flat = torch.zeros(numel, dtype=self.param_dtype, device=self.device)
-        unit = Unit(len(self.buckets), [], numel, used, False, None, 0, numel, dp=dp, dp_rank=dp_rank, group=group,
-                    expert=is_expert(params[0][1]), name=name)
-        offset = 0
-        for pname, p in params:
-            flat[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
-            slot = Slot(pname, p, unit.index, offset, p.numel(), is_tp_partial(p) and self.topo.tp > 1)
-            unit.slots.append(slot)
-            self.slots[id(p)] = slot
-            offset += p.numel()
-        share = numel // dp
-        unit.shard_start, unit.shard_end = dp_rank * share, (dp_rank + 1) * share
-        unit.shard = flat[unit.shard_start : unit.shard_end].clone()
-        unit.main_grad = torch.zeros(share, dtype=torch.float32, device=self.device)
-        unit.tied = any(is_pipeline_tied(p) for _, p in params)
-        if unit.tied and len(params) > 1:
-            raise UserError(f"unit {name!r} mixes a pipeline-tied embedding with other parameters; give it its own unit")
-        for slot in unit.slots:
-            lo, hi = max(slot.start, unit.shard_start), min(slot.start + slot.numel, unit.shard_end)
-            if slot.deferred and lo < hi:
-                unit.tp_partial.append((lo - unit.shard_start, hi - unit.shard_start))
-            mark_zero3_sharded(slot.param)
-        unit.param_data = torch.empty(numel, dtype=self.param_dtype, device=self.device)  # kept; storage resized
+        """Lay the unit out (`make_unit`) and leave its parameters as storage-less
+        placeholders until they are gathered."""
+        unit = make_unit(len(self.buckets), name, params, dp, dp_rank, group, self.param_dtype, self.device,
+                         self.topo.tp)
+        self.slots.update((id(slot.param), slot) for slot in unit.slots)
         self.buckets.append(unit)
         self.units[name] = unit
         self._free(unit)
@@ -199,39 +163,59 @@ class ShardedParams:
         for slot in unit.slots:
             slot.param.data = nan.expand(slot.param.shape)
         unit.param_data.untyped_storage().resize_(0)
-        unit.gathered = False
+        unit.gathered = unit.keep = False
+        self.events.append((time.perf_counter(), "free", unit.name))
 
-    def _advance(self, phase: str, name: str) -> Unit | None:
-        """Note that unit `name` runs now (in `phase`); return the unit expected to run next,
-        to prefetch, as seen the last time the same pair of units ran in this order."""
-        before = self._key[phase]
-        if before is not None:
-            self._after[phase][before] = name
-        key = (before[1] if before is not None else None, name)
-        self._key[phase] = key
-        ahead = self._after[phase].get(key)
-        return self.units[ahead] if self.prefetch and ahead is not None and ahead != name else None
+    @property
+    def order(self) -> list[str]:
+        """Units in the order the first forward ran them."""
+        return self.unit_order.order
+
+    def _prefetch(self, phase: str, name: str) -> bool:
+        """Note that unit `name` runs now and issue the gather of the unit expected next
+        (`UnitOrder`); True when that is this same unit, first in the next action: it stays
+        gathered across the switch."""
+        ahead, crossing = self.unit_order.advance(phase, name)
+        if crossing and ahead == name:
+            return True
+        if self.prefetch and ahead is not None and ahead != name:
+            for u in self._with_experts(self.units[ahead]):
+                self._start_gather(u)
+        return False
 
     # --- the unit protocol (`trident.parallel.zero.units`) ------------------------------------
+    def begin_action(self, action: Action, following: Action | None) -> None:
+        """The pipeline executor starts `action` (kind, chunk); `following` is its next action
+        that runs units. Units whose split backward's B has ended are freed here: their W
+        computes weight gradients from stored tensors and needs no parameters."""
+        self._free_open()
+        self.unit_order.begin(action, following)
+
+    def _free_open(self) -> None:
+        open_units, self._open = self._open, []
+        for u in open_units:
+            if self.reshard_after_forward and u.gathered and not u.keep:
+                self._free(u)
+
     def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` with unit `name` gathered, the next unit's gather in flight."""
         unit = self.units.get(name)
         if unit is None:  # a unit with no trainable parameters on this rank
             return fn(*args)
-        if name not in self.order:
-            self.order.append(name)
-        for u in self._with_experts(unit):
+        units = self._with_experts(unit)
+        for u in units:
             self._gather(u)
-        ahead = self._advance("forward", name)
-        for u in self._with_experts(ahead):
-            self._start_gather(u)
+            u.keep = False
+        keep = self._prefetch("forward", name)
         self.events.append((time.perf_counter(), "forward", name))
         out = fn(*args)
         self.events.append((time.perf_counter(), "forward_end", name))
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(lambda grad, name=name: self._before_backward(name))
-        if self.reshard_after_forward:
-            for u in self._with_experts(unit):
+        for u in units:
+            if keep:
+                u.keep = True
+            elif self.reshard_after_forward:
                 self._free(u)
         return out
 
@@ -242,12 +226,21 @@ class ShardedParams:
         return [unit, self.experts_of[unit.name]] if unit.name in self.experts_of else [unit]
 
     def _before_backward(self, name: str) -> None:
-        """The unit's backward is next: gather it again and prefetch the one after."""
-        self.events.append((time.perf_counter(), "backward", name))
-        for u in self._with_experts(self.units[name]):
+        """The unit's backward is next: gather it again and prefetch the one after. In a split
+        backward's B the unit before it is done until its W, which needs no parameters: free it."""
+        split = in_split_b()
+        if split:
+            self._free_open()
+        units = self._with_experts(self.units[name])
+        for u in units:
             self._gather(u)
-        for u in self._with_experts(self._advance("backward", name)):
-            self._start_gather(u)
+            u.keep = False
+        keep = self._prefetch("backward", name)
+        self.events.append((time.perf_counter(), "backward", name))
+        for u in units:
+            u.keep = keep
+        if split:
+            self._open = units
 
     # --- gradients ------------------------------------------------------------------------------
     def _grad_hook(self, slot: Slot) -> Callable[[torch.Tensor], None]:
@@ -258,15 +251,20 @@ class ShardedParams:
                 raise RuntimeError(f"a gradient for {slot.name} arrived after the step's gradients were final; "
                                    f"call zero_grad() before the next step")
             unit = self.buckets[slot.bucket]
-            if unit.grad_data is None:
-                unit.grad_data = torch.zeros(unit.numel, dtype=torch.float32, device=self.device)
-            unit.grad_data[slot.start : slot.start + slot.numel].add_(param.grad.reshape(-1))
+            unit.splits |= in_w()
+            if unit.splits and unit.grad_data is None and in_split_b():
+                # a B whose W brings the unit's weight gradients later: keep these few (norms,
+                # biases) aside in fp32 rather than hold a unit-sized buffer until the W
+                unit.park(slot.start, param.grad)
+            else:
+                unit.gradient()[slot.start : slot.start + slot.numel].add_(param.grad.reshape(-1))
             param.grad = None
             unit.ready.add(slot.start)
             if len(unit.ready) == len(unit.slots):  # the unit's backward is over
                 self.events.append((time.perf_counter(), "backward_end", unit.name))
                 self._reduce(unit)
-                if self.reshard_after_forward:
+                # (in a W the unit was freed when its B ended: gathered now means prefetched)
+                if self.reshard_after_forward and not unit.keep and not in_w():
                     self._free(unit)
 
         return hook
@@ -300,6 +298,8 @@ class ShardedParams:
     def start_grad_sync(self) -> None:
         """Reduce what a backward left unfinished (a unit with a parameter that got no gradient)."""
         for unit in self.buckets:
+            if unit.parked:
+                unit.gradient()
             if unit.grad_data is not None:
                 self._reduce(unit)
 
@@ -330,10 +330,12 @@ class ShardedParams:
         for unit in self.buckets:
             unit.main_grad.zero_()
             unit.grad_data = None
+            unit.parked.clear()
             unit.ready.clear()
             for slot in unit.slots:
                 slot.param.grad = None
         self.events.clear()
+        self._open = []
         self._synced = False
 
     def owned_params(self, unit: Unit) -> torch.Tensor:
