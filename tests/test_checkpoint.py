@@ -49,19 +49,25 @@ def _layout_args(tp: int, pp: int, dp: int, zero: int) -> list[str]:
     return (["--nproc", str(world)] if world > 1 else []) + ["--tp", str(tp), "--pp", str(pp), f"optim.zero={zero}"]
 
 
-@pytest.mark.parametrize(
-    "saved, resumed",
-    [((2, 2, 2, 1), (1, 1, 1, 0)), ((1, 1, 1, 0), (2, 2, 2, 2)), ((2, 1, 2, 1), (1, 2, 1, 0))],
-    ids=["222z1-to-111", "111-to-222z2", "212z1-to-121z0"],
-)
-def test_resume_at_another_layout_and_zero_stage(data_dir, uninterrupted, tmp_path, saved, resumed):
-    _interrupted_at_4(data_dir, tmp_path, *_layout_args(*saved))
-    meta = json.loads((tmp_path / "checkpoints" / "step_0000004" / "meta.json").read_text())
-    tp, pp, dp, zero = saved
-    assert meta["layout"] == {"tp": tp, "pp": pp, "dp": dp, "world": tp * pp * dp, "zero": zero}
-    proc = trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *_layout_args(*resumed),
-                   *TINY, *STEPS, f"data.work_dir={data_dir}")
-    assert "resharded" in proc.stdout
+# each hop trains two steps at its layout and stops; the next resumes there at another
+# layout: every move is a reshard of model and optimizer state (merging 8 ranks' ZeRO-2
+# shards into 2 pipeline stages, splitting one process's state over tp, pp and dp, ...)
+HOPS = [(1, 1, 1, 0), (2, 2, 2, 2), (1, 2, 1, 0), (2, 1, 2, 1)]
+
+
+def test_resume_at_another_layout_and_zero_stage(data_dir, uninterrupted, tmp_path):
+    """111 -> 222 ZeRO-2 -> 121 -> 212 ZeRO-1, two steps each: the losses of one
+    uninterrupted process, and each checkpoint records the layout that wrote it."""
+    for hop, layout in enumerate(HOPS):
+        proc = trident("train", "--config", str(CONFIG), "--run-dir", str(tmp_path), *(["--resume"] if hop else []),
+                       *_layout_args(*layout), *TINY, *STEPS, "train.exit_interval=2", "checkpoint.interval=2",
+                       f"data.work_dir={data_dir}")
+        if hop:
+            assert "resharded" in proc.stdout, proc.stdout
+        step = 2 * (hop + 1)
+        meta = json.loads((tmp_path / "checkpoints" / f"step_{step:07d}" / "meta.json").read_text())
+        tp, pp, dp, zero = layout
+        assert meta["layout"] == {"tp": tp, "pp": pp, "dp": dp, "world": tp * pp * dp, "zero": zero}, (hop, meta)
     got, ref = losses(tmp_path), losses(uninterrupted)
     assert len(got) == 8
     for step, (a, b) in enumerate(zip(got, ref), start=1):

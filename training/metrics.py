@@ -23,9 +23,10 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from trident.model.config import ModelConfig
 
@@ -104,14 +105,33 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float3
     return _MEASURED[key]
 
 
+def measured_peak_by_rank0(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """`measured_peak_tflops` timed by global rank 0 alone and broadcast to every rank.
+
+    Ranks sharing a machine would otherwise time their matmuls against each other: the
+    figure would measure their contention, and the start-up would pay a few seconds of
+    matmuls once per rank (8 ranks on 2 cores: ~15 s). Every rank must call it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return measured_peak_tflops(device, dtype)
+    value = torch.zeros(1, dtype=torch.float64, device=device)
+    if dist.get_rank() == 0:
+        value.fill_(measured_peak_tflops(device, dtype))
+    dist.broadcast(value, src=0)
+    _MEASURED[(str(device), dtype)] = float(value.item())
+    return _MEASURED[(str(device), dtype)]
+
+
 def device_peak_tflops(
-    device: torch.device, dtype: str, configured: float = 0.0, achieved: float = 0.0
+    device: torch.device, dtype: str, configured: float = 0.0, achieved: float = 0.0,
+    measure: Callable[[torch.device, torch.dtype], float] | None = None,
 ) -> tuple[float, str]:
     """Peak TFLOP/s of one device for MFU, and where the figure came from.
 
     `configured` (``log.peak_tflops``) wins; then the declared table ("declared H100
     bf16"); then a measured matmul in the compute dtype (fp32 on a CPU, whose bf16 matmuls
     are emulated), which is never reported below `achieved`, the rate a step reached.
+    `measure` times it (default `measured_peak_tflops`; a trainer's ranks use
+    `measured_peak_by_rank0`).
     """
     if configured > 0:
         return configured, "configured log.peak_tflops"
@@ -122,7 +142,7 @@ def device_peak_tflops(
     kind = "CPU" if device.type == "cpu" else f"{device.type} (not in the declared table)"
     source = f"measured {kind} {str(compute).removeprefix('torch.')} matmul"
     key = (str(device), compute)
-    peak, source = _floor_measured(measured_peak_tflops(device, compute), source, achieved)
+    peak, source = _floor_measured((measure or measured_peak_tflops)(device, compute), source, achieved)
     _MEASURED[key] = peak  # the best rate seen on this device, from here on
     return peak, source
 

@@ -42,7 +42,8 @@ from trident.training.compile_clock import TIMING_KEYS, CompileClock
 from trident.training.config import Config, derive
 from trident.training.data_setup import build_data
 from trident.training.memory import ActivationMeter, memory_record, rank_memory
-from trident.training.metrics import MetricsWriter, device_peak_tflops, flops_per_token, model_flops_utilization
+from trident.training.metrics import (MetricsWriter, device_peak_tflops, flops_per_token, measured_peak_by_rank0,
+                                      model_flops_utilization)
 from trident.training.microbatches import loss_tokens, prepare_microbatches
 from trident.training.run_control import (
     NonFiniteLossError,
@@ -162,7 +163,8 @@ class Trainer:
     # --- set-up helpers -----------------------------------------------------------------
     def _peak(self) -> tuple[float, str]:
         """Peak TFLOP/s of one device for MFU, and where the figure came from."""
-        return device_peak_tflops(self.topo.device, self.cfg.train.dtype, self.cfg.log.peak_tflops)
+        return device_peak_tflops(self.topo.device, self.cfg.train.dtype, self.cfg.log.peak_tflops,
+                                  measure=measured_peak_by_rank0)
 
     def log(self, text: str) -> None:
         if self.is_logger:
