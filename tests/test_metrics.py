@@ -62,3 +62,27 @@ def test_metrics_writer_drops_records_after_the_resumed_step(tmp_path):
     assert path.read_text() == before
     MetricsWriter(tmp_path, enabled=False, start_step=0)  # not the logging rank: never touches the file
     assert path.read_text() == before
+
+
+def _peak_on_ranks() -> dict:
+    """Each rank's measured peak via `measured_peak_by_rank0`, with only rank 0 allowed to time."""
+    import torch.distributed as dist
+
+    metrics._MEASURED.clear()
+    if dist.get_rank() != 0:
+        def refuse(*_args):
+            raise AssertionError("a rank other than 0 timed the matmul peak")
+        metrics.measured_peak_tflops, real = refuse, metrics.measured_peak_tflops
+    try:
+        peak = metrics.measured_peak_by_rank0(CPU, torch.float32)
+        return {"peak": peak, "cached": metrics._MEASURED[(str(CPU), torch.float32)]}
+    finally:
+        if dist.get_rank() != 0:
+            metrics.measured_peak_tflops = real
+
+
+def test_the_peak_is_timed_by_rank_0_alone_and_every_rank_gets_its_figure(dist_pool):
+    """Ranks sharing a machine would time their matmuls against each other: rank 0 times
+    the peak while the others wait, and every rank logs the same figure."""
+    got = dist_pool.run(3, "test_metrics:_peak_on_ranks", timeout=120)
+    assert got[0]["peak"] > 0 and all(r == {"peak": got[0]["peak"], "cached": got[0]["peak"]} for r in got), got
