@@ -24,6 +24,11 @@ import time
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("_worker.py")
+# gloo leaves each process group's threads behind after destroy_process_group (48 per
+# 2-rank ZeRO task here), and they poll while idle: a worker past this many threads is
+# replaced before its next task (one torch import), or the idle pool would eat the cores
+# that later tests, the command-line ones above all, need
+MAX_THREADS = 256
 
 
 class DistributedTestError(AssertionError):
@@ -59,6 +64,13 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def threads(self) -> int:
+        """Threads the worker holds now (0 where /proc cannot say)."""
+        try:
+            return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+        except OSError:
+            return 0
+
     def kill(self) -> None:
         if self.alive():
             self.proc.kill()
@@ -78,6 +90,10 @@ class WorkerPool:
     def _ensure(self, n: int) -> None:
         if not all(w.alive() for w in self.workers):
             self.workers = self._reset()
+        for i, w in enumerate(self.workers):
+            if w.threads() > MAX_THREADS:
+                w.kill()
+                self.workers[i] = _Worker(i, self.dir)
         while len(self.workers) < n:
             self.workers.append(_Worker(len(self.workers), self.dir))
 
